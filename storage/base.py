@@ -1,0 +1,178 @@
+"""The storage contract every Eddy backend implements.
+
+A backend is an append-only event log with three capabilities:
+
+* ``append`` stores one event and gives it a *position*: an integer that grows
+  by commit order across the whole store (every channel, every tenant, every
+  Eddy process writing to it). The event's public id is that position written
+  in decimal, so ids are comparable and a client can resume from one.
+* ``history`` reads one channel of one tenant after a position, oldest first.
+  History is bounded (by count per channel and by age); when a read asks for
+  events that have already been trimmed away, ``History.lost`` says so rather
+  than silently skipping them.
+* ``watch`` is the change feed: an async iterator of *every* event committed
+  after a position, in commit order, including events appended by other
+  processes that share the store. One watcher per process consumes it.
+
+The storage layer knows nothing of sockets, frames or users: tenants and
+channels are plain strings here.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Event",
+    "EventDraft",
+    "History",
+    "Storage",
+    "StorageError",
+    "StorageUnavailable",
+    "DEFAULT_HISTORY_SIZE",
+    "DEFAULT_HISTORY_TTL",
+    "EPHEMERAL_TTL",
+]
+
+#: Events kept per channel unless configured otherwise.
+DEFAULT_HISTORY_SIZE = 1000
+#: Seconds an event is kept unless configured otherwise (one day).
+DEFAULT_HISTORY_TTL = 24 * 3600.0
+#: Seconds an ephemeral event (typing, presence pings) stays in the feed.
+EPHEMERAL_TTL = 60.0
+
+
+class StorageError(Exception):
+    """A backend failed in a way the caller cannot fix by changing its input."""
+
+
+class StorageUnavailable(StorageError):
+    """The store cannot be reached or written right now; retrying later may work."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventDraft:
+    """An event as a publisher hands it in, before the store gives it a position."""
+
+    tenant: str
+    channel: str
+    event: str
+    data: Any = None
+    #: When set, a second append with the same (tenant, key) stores nothing and
+    #: returns the first event instead: a publisher may retry safely.
+    idempotency_key: str | None = None
+    #: Ephemeral events reach live subscribers through the feed but never
+    #: appear in history, and the store may forget them after ``EPHEMERAL_TTL``.
+    ephemeral: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A stored event. ``position`` orders all events of a store by commit."""
+
+    position: int
+    tenant: str
+    channel: str
+    event: str
+    data: Any
+    #: Seconds since the epoch (UTC) when the store accepted the event.
+    timestamp: float
+    ephemeral: bool = False
+    idempotency_key: str | None = None
+
+    @property
+    def id(self) -> str:
+        """The public id: the position in decimal."""
+        return str(self.position)
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """One page of a channel's history."""
+
+    events: list[Event] = field(default_factory=list)
+    #: True when ``after`` is older than what the store still keeps for this
+    #: channel: some events that came after it have been trimmed and are gone.
+    lost: bool = False
+
+
+def parse_event_id(event_id: str | int) -> int:
+    """Turn a public event id back into a position; ``ValueError`` if it is not one."""
+    if isinstance(event_id, bool):
+        raise ValueError("an event id is a decimal string")
+    position = int(event_id)
+    if position < 0:
+        raise ValueError("an event id is never negative")
+    return position
+
+
+class Storage(abc.ABC):
+    """Base class of every backend. Subclasses implement the abstract methods.
+
+    Backends are created by :func:`storage.open_storage` from a URL and are not
+    usable until :meth:`open` has returned. All methods are called from the
+    asyncio event loop; a backend that does blocking I/O must move it off the
+    loop itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        history_size: int = DEFAULT_HISTORY_SIZE,
+        history_ttl: float = DEFAULT_HISTORY_TTL,
+    ) -> None:
+        if history_size < 1:
+            raise ValueError("history_size must be at least 1")
+        if history_ttl <= 0:
+            raise ValueError("history_ttl must be positive")
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, create schema if needed. Idempotent."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections. Pending ``watch`` iterators end. Idempotent."""
+
+    @abc.abstractmethod
+    async def append(self, draft: EventDraft) -> Event:
+        """Store ``draft`` durably and return it with its position and timestamp.
+
+        With an ``idempotency_key`` already used in the same tenant, nothing is
+        stored and the event stored the first time is returned.
+        Raises :class:`StorageUnavailable` when the store cannot be written.
+        """
+
+    @abc.abstractmethod
+    async def history(
+        self, tenant: str, channel: str, *, after: int = 0, limit: int = 100
+    ) -> History:
+        """Up to ``limit`` non-ephemeral events of one channel with position > ``after``, oldest first."""
+
+    @abc.abstractmethod
+    async def last_position(self) -> int:
+        """The position of the newest committed event in the store, 0 if none."""
+
+    @abc.abstractmethod
+    def watch(self, after: int) -> AsyncIterator[Event]:
+        """Every event (all tenants, all channels, ephemeral included) committed
+        after ``after``, in commit order, waiting for new ones forever.
+
+        Must see appends made by other processes sharing the store. The
+        iterator raises :class:`StorageError` on a fault; the caller resumes by
+        calling ``watch`` again with the last position it received.
+        """
+
+    async def ping(self) -> None:
+        """Raise :class:`StorageUnavailable` unless the store answers now."""
+        await self.last_position()
+
+    @staticmethod
+    def now() -> float:
+        return time.time()

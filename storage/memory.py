@@ -1,0 +1,114 @@
+"""An in-process store for tests and single-process experiments (``memory://``).
+
+Nothing survives a restart and nothing is shared between processes, but every
+other promise of the contract holds, so it is the reference the contract suite
+checks the durable backends against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+
+from .base import Event, EventDraft, History, Storage, StorageUnavailable
+
+#: How many events the change feed keeps for watchers that fall behind.
+FEED_SIZE = 100_000
+
+
+class MemoryStorage(Storage):
+    def __init__(self, url: str = "memory://", **options: float) -> None:
+        super().__init__(**options)
+        self.url = url
+        self._position = 0
+        self._feed: deque[Event] = deque(maxlen=FEED_SIZE)
+        self._channels: dict[tuple[str, str], deque[Event]] = {}
+        self._trimmed_through: dict[tuple[str, str], int] = {}
+        self._keys: dict[tuple[str, str], Event] = {}
+        self._changed = asyncio.Condition()
+        self._open = False
+
+    async def open(self) -> None:
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise StorageUnavailable("memory storage is closed")
+
+    async def append(self, draft: EventDraft) -> Event:
+        self._check_open()
+        if draft.idempotency_key is not None:
+            existing = self._keys.get((draft.tenant, draft.idempotency_key))
+            if existing is not None:
+                return existing
+        self._position += 1
+        event = Event(
+            position=self._position,
+            tenant=draft.tenant,
+            channel=draft.channel,
+            event=draft.event,
+            data=draft.data,
+            timestamp=self.now(),
+            ephemeral=draft.ephemeral,
+            idempotency_key=draft.idempotency_key,
+        )
+        if draft.idempotency_key is not None:
+            self._keys[(draft.tenant, draft.idempotency_key)] = event
+        self._feed.append(event)
+        if not draft.ephemeral:
+            self._remember(event)
+        async with self._changed:
+            self._changed.notify_all()
+        return event
+
+    def _remember(self, event: Event) -> None:
+        key = (event.tenant, event.channel)
+        kept = self._channels.setdefault(key, deque())
+        kept.append(event)
+        oldest_allowed = event.timestamp - self.history_ttl
+        while kept and (len(kept) > self.history_size or kept[0].timestamp < oldest_allowed):
+            self._trimmed_through[key] = kept.popleft().position
+
+    async def history(
+        self, tenant: str, channel: str, *, after: int = 0, limit: int = 100
+    ) -> History:
+        self._check_open()
+        key = (tenant, channel)
+        kept = self._channels.get(key, ())
+        oldest_allowed = self.now() - self.history_ttl
+        events = [e for e in kept if e.position > after and e.timestamp >= oldest_allowed]
+        expired = [e.position for e in kept if e.timestamp < oldest_allowed]
+        trimmed_through = max([self._trimmed_through.get(key, 0), *expired])
+        return History(events=events[: max(limit, 0)], lost=after < trimmed_through)
+
+    async def last_position(self) -> int:
+        self._check_open()
+        return self._position
+
+    async def watch(self, after: int) -> AsyncIterator[Event]:
+        self._check_open()
+        while self._open:
+            pending = self._feed_after(after)
+            for event in pending:
+                yield event
+                after = event.position
+            if pending:
+                continue
+            async with self._changed:
+                if self._position <= after and self._open:
+                    await self._changed.wait()
+        raise StorageUnavailable("memory storage was closed while watching")
+
+    def _feed_after(self, after: int) -> list[Event]:
+        # Positions in the feed are consecutive, so the start is arithmetic and
+        # deque indexing near the tail (where watchers read) is cheap.
+        if not self._feed:
+            return []
+        start = max(0, after - self._feed[0].position + 1)
+        return [self._feed[i] for i in range(start, len(self._feed))]
