@@ -1,0 +1,23 @@
+"""Tornado handlers: the WebSocket protocol and the HTTP API. They talk to :class:`service.app.Eddy` only."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.app import Eddy
+
+
+def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
+    from .http import EventsHandler, HealthHandler, HistoryHandler, ReadyHandler
+    from .websocket import EventSocket
+
+    args = {"eddy": eddy}
+    return [
+        (r"/ws", EventSocket, args),
+        (r"/ws/([^/]+)/stream", EventSocket, args),
+        (r"/api/events", EventsHandler, args),
+        (r"/api/channels/([^/]+)/events", HistoryHandler, args),
+        (r"/healthz", HealthHandler, args),
+        (r"/readyz", ReadyHandler, args),
+    ]

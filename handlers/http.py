@@ -1,0 +1,194 @@
+"""The HTTP API: publish, history, health. Every error is an RFC 9457 problem body with a ``code``."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+import tornado.web
+
+from service import frames
+from service.app import ChannelRefused, Eddy
+from service.auth import AuthError, Identity, token_from_request
+from storage import StorageUnavailable, parse_event_id
+
+log = logging.getLogger("eddy.http")
+
+#: Seconds a client should wait before retrying when storage is unavailable.
+RETRY_AFTER_SECONDS = 1
+MAX_HISTORY_LIMIT = 1000
+MAX_NAME_LENGTH = 200
+
+_CODE_FOR_STATUS = {
+    400: "INVALID_BODY",
+    401: "TOKEN_INVALID",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "BODY_TOO_LARGE",
+    503: "STORAGE_UNAVAILABLE",
+}
+
+
+class ApiError(tornado.web.HTTPError):
+    """An error the client caused or can act on; becomes a problem body."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, reason=HTTPStatus(status).phrase)
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class ApiHandler(tornado.web.RequestHandler):
+    """Base of every HTTP handler: JSON in and out, problem bodies for errors."""
+
+    def initialize(self, eddy: Eddy) -> None:
+        self.eddy = eddy
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+
+    def write_json(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(orjson.dumps(body))
+
+    def authenticate(self) -> Identity:
+        token = token_from_request(self.request.headers, self.get_query_argument_or_none)
+        try:
+            return self.eddy.authenticate(token)
+        except AuthError as exc:
+            raise ApiError(401, exc.code, exc.message, {"WWW-Authenticate": 'Bearer realm="eddy"'}) from None
+
+    def get_query_argument_or_none(self, name: str) -> str | None:
+        return self.get_query_argument(name, None)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            code, detail = exc.code, exc.detail
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        elif status_code >= 500:
+            request_id = uuid.uuid4().hex[:12]
+            code, detail = "INTERNAL_ERROR", f"internal error (request {request_id})"
+            log.error("request %s failed: %s %s", request_id, self.request.method, self.request.path)
+        else:
+            code = _CODE_FOR_STATUS.get(status_code, "INVALID_BODY")
+            detail = self._reason
+        self.set_header("Content-Type", "application/problem+json")
+        self.finish(
+            orjson.dumps(
+                {"type": "about:blank", "title": self._reason, "status": status_code, "code": code, "detail": detail}
+            )
+        )
+
+
+class NotFoundHandler(ApiHandler):
+    def prepare(self) -> None:
+        raise ApiError(404, "NOT_FOUND", f"no endpoint at {self.request.path}")
+
+
+@tornado.web.stream_request_body
+class EventsHandler(ApiHandler):
+    """``POST /api/events``: store an event; the watcher then broadcasts it."""
+
+    def prepare(self) -> None:
+        if self.request.method != "POST":
+            return  # Tornado answers 405 through write_error
+        self.identity = self.authenticate()
+        self._body = bytearray()
+        limit = self.eddy.settings.max_body_bytes
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, "BODY_TOO_LARGE", f"the body is over {limit} bytes")
+        # Let Tornado read a little past the limit so that we, not it, refuse it.
+        self.request.connection.set_max_body_size(limit + 1)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body += chunk
+        limit = self.eddy.settings.max_body_bytes
+        if len(self._body) > limit:
+            raise ApiError(413, "BODY_TOO_LARGE", f"the body is over {limit} bytes")
+
+    async def post(self) -> None:
+        body = parse_object(bytes(self._body))
+        channel = body.get("channel")
+        event = body.get("event")
+        if not isinstance(event, str) or not 0 < len(event) <= MAX_NAME_LENGTH:
+            raise ApiError(400, "INVALID_BODY", "event must be a string of 1-200 characters")
+        key = body.get("idempotency_key", self.request.headers.get("Idempotency-Key"))
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_NAME_LENGTH):
+            raise ApiError(400, "INVALID_BODY", "idempotency_key must be a string of 1-200 characters")
+        with service_errors():
+            stored = await self.eddy.publish(self.identity, channel, event, body.get("data"), idempotency_key=key)
+        self.set_header("Location", f"/api/channels/{stored.channel}/events?after={stored.position - 1}&limit=1")
+        self.write_json({**frames.event_body(stored), "position": stored.position}, status=201)
+
+
+class HistoryHandler(ApiHandler):
+    """``GET /api/channels/<channel>/events?after=&limit=``: the polling fallback."""
+
+    async def get(self, channel: str) -> None:
+        identity = self.authenticate()
+        after = self._int_argument("after", 0, parse=parse_event_id)
+        limit = self._int_argument("limit", 100, parse=int)
+        if not 1 <= limit <= MAX_HISTORY_LIMIT:
+            raise ApiError(400, "INVALID_PARAMETER", f"limit must be between 1 and {MAX_HISTORY_LIMIT}")
+        with service_errors():
+            page = await self.eddy.history(identity, channel, after=after, limit=limit)
+        self.write_json(
+            {"channel": channel, "events": [frames.event_body(e) for e in page.events], "lost": page.lost}
+        )
+
+    def _int_argument(self, name: str, default: int, *, parse) -> int:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        try:
+            return parse(raw)
+        except ValueError:
+            raise ApiError(400, "INVALID_PARAMETER", f"{name} must be a non-negative integer") from None
+
+
+class HealthHandler(ApiHandler):
+    def get(self) -> None:
+        self.write_json({"status": "ok"})
+
+
+class ReadyHandler(ApiHandler):
+    async def get(self) -> None:
+        checks = await self.eddy.readiness()
+        ready = all(state == "ok" for state in checks.values())
+        self.write_json({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
+
+
+@contextmanager
+def service_errors() -> Iterator[None]:
+    """Turn the service's refusals and storage outages into problem responses."""
+    try:
+        yield
+    except ChannelRefused as exc:
+        raise ApiError(400 if exc.code == frames.INVALID_CHANNEL else 403, exc.code, exc.message) from None
+    except StorageUnavailable as exc:
+        log.warning("storage unavailable: %s", exc)
+        raise ApiError(
+            503, "STORAGE_UNAVAILABLE", "storage is unavailable; retry later",
+            {"Retry-After": str(RETRY_AFTER_SECONDS)},
+        ) from None
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "INVALID_BODY", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "INVALID_BODY", "the body must be a JSON object")
+    return body

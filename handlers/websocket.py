@@ -1,0 +1,206 @@
+"""The WebSocket endpoint: authentication at the handshake, JSON frames, fan-out delivery.
+
+One :class:`EventSocket` per connection. Client frames are dispatched by
+``type`` to ``on_<type>`` methods, so a subclass adds a frame type by adding a
+method. A bad frame gets an ``error`` frame and nothing else: the connection
+and its other subscriptions carry on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+import tornado.web
+import tornado.websocket
+from tornado.iostream import StreamBufferFullError, StreamClosedError
+
+from service import frames
+from service.app import ChannelRefused, Eddy
+from service.auth import AuthError, Identity, token_from_request
+from service.hub import ChannelKey
+
+log = logging.getLogger("eddy.ws")
+
+
+class FrameError(Exception):
+    """A client frame was refused; becomes an ``error`` frame with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class EventSocket(tornado.websocket.WebSocketHandler):
+    #: Client frame types and the method that handles each.
+    FRAME_HANDLERS = {"join": "on_join", "leave": "on_leave", "ping": "on_ping"}
+
+    def initialize(self, eddy: Eddy) -> None:
+        self.eddy = eddy
+        self.identity: Identity | None = None
+        self.path_channel: ChannelKey | None = None
+        self.channels: set[ChannelKey] = set()
+        self.connection_id = uuid.uuid4().hex
+
+    # Handshake -------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Refuse a bad token or path channel with an HTTP problem before the upgrade."""
+        token = token_from_request(self.request.headers, lambda name: self.get_query_argument(name, None))
+        try:
+            self.identity = self.eddy.authenticate(token)
+        except AuthError as exc:
+            self.set_header("WWW-Authenticate", 'Bearer realm="eddy"')
+            return self._refuse(401, exc.code, exc.message)
+        channel = self.path_args[0] if self.path_args else None
+        if channel is not None:
+            try:
+                self.path_channel = self.eddy.check_join(self.identity, channel)
+            except ChannelRefused as exc:
+                return self._refuse(400 if exc.code == frames.INVALID_CHANNEL else 403, exc.code, exc.message)
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/problem+json")
+        self.finish(
+            orjson.dumps({"type": "about:blank", "title": self._reason, "status": status, "code": code, "detail": message})
+        )
+
+    def check_origin(self, origin: str) -> bool:
+        # Only browsers send Origin. Same-origin unless EDDY_ALLOWED_ORIGINS
+        # lists the page's origin (or is "*"), so a foreign page cannot ride
+        # on a user's token.
+        allowed = self.eddy.settings.allowed_origin_set
+        if "*" in allowed or origin.lower() in allowed:
+            return True
+        return super().check_origin(origin)
+
+    # Connection ------------------------------------------------------------
+
+    def open(self, *args: str) -> None:
+        assert self.identity is not None
+        # The hub writes straight into this buffer; past the bound the socket
+        # is a slow consumer and is closed instead of growing without limit.
+        self.ws_connection.stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
+        self.eddy.hub.connect(self)
+        if self.path_channel is not None:
+            self._subscribe(self.path_channel)
+        self.send(
+            {
+                "type": "connected",
+                "connection_id": self.connection_id,
+                "user_id": self.identity.user_id,
+                "tenant": self.identity.tenant,
+                "channels": sorted(channel for _, channel in self.channels),
+                "timestamp": frames.iso_timestamp(time.time()),
+            }
+        )
+        log.debug("connection %s open for user %s", self.connection_id, self.identity.user_id)
+
+    def on_close(self) -> None:
+        self.eddy.hub.disconnect(self, self.channels)
+        self.channels = set()
+        log.debug("connection %s closed (%s)", self.connection_id, self.close_code)
+
+    def deliver(self, message: frames.PreparedMessage) -> None:
+        """Queue a prepared frame on the socket, bypassing per-call encoding and framing."""
+        connection = self.ws_connection
+        if connection is None or connection.is_closing():
+            return
+        try:
+            connection.stream.write(message.websocket_frame)
+        except StreamBufferFullError:
+            self._close_slow_consumer()
+        except StreamClosedError:
+            pass
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.deliver(frames.PreparedMessage(frames.encode(frame)))
+
+    def _close_slow_consumer(self) -> None:
+        log.warning("connection %s closed: slow consumer", self.connection_id)
+        # Lift the bound so the close frame can queue behind the backlog; if the
+        # client never reads it, Tornado aborts the connection after a timeout.
+        self.ws_connection.stream.max_write_buffer_size = None
+        self.close(frames.CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    # Client frames ---------------------------------------------------------
+
+    async def on_message(self, message: str | bytes) -> None:
+        ref = None
+        try:
+            frame = self._decode(message)
+            ref = self._ref(frame)
+            result = self._handler_for(frame)(frame, ref)
+            if inspect.isawaitable(result):
+                await result
+        except FrameError as exc:
+            self.send(frames.error_frame(exc.code, exc.message, ref))
+        except Exception:
+            log.exception("connection %s: frame handler failed", self.connection_id)
+            self.send(frames.error_frame(frames.INTERNAL_ERROR, "internal error; the frame was not applied", ref))
+
+    @staticmethod
+    def _decode(message: str | bytes) -> dict[str, Any]:
+        if isinstance(message, bytes):
+            raise FrameError(frames.UNSUPPORTED_BINARY, "binary frames are not supported; send JSON text frames")
+        try:
+            frame = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            raise FrameError(frames.INVALID_JSON, "the frame is not valid JSON") from None
+        if not isinstance(frame, dict):
+            raise FrameError(frames.INVALID_FRAME, "a frame is a JSON object")
+        return frame
+
+    @staticmethod
+    def _ref(frame: dict[str, Any]) -> str | int | None:
+        ref = frame.get("ref")
+        if ref is not None and (isinstance(ref, bool) or not isinstance(ref, (str, int))):
+            raise FrameError(frames.INVALID_FRAME, "ref must be a string or an integer")
+        return ref
+
+    def _handler_for(self, frame: dict[str, Any]):
+        kind = frame.get("type")
+        if not isinstance(kind, str):
+            raise FrameError(frames.INVALID_FRAME, "a frame needs a string type")
+        if kind not in self.FRAME_HANDLERS:
+            raise FrameError(frames.UNKNOWN_TYPE, f"unknown frame type {kind[:50]!r}")
+        return getattr(self, self.FRAME_HANDLERS[kind])
+
+    def on_join(self, frame: dict[str, Any], ref: Any) -> None:
+        key = self._channel_key(frame)
+        if key not in self.channels and len(self.channels) >= self.eddy.settings.max_channels_per_connection:
+            raise FrameError(frames.TOO_MANY_CHANNELS, "this connection has joined as many channels as it may")
+        self._subscribe(key)
+        self.send({"type": "ack", "ref": ref, "channel": key[1]})
+
+    def on_leave(self, frame: dict[str, Any], ref: Any) -> None:
+        key = self._channel_key(frame)
+        if key not in self.channels:
+            raise FrameError(frames.NOT_SUBSCRIBED, f"not subscribed to {key[1]}")
+        self.channels.discard(key)
+        self.eddy.hub.unsubscribe(key, self)
+        self.send({"type": "ack", "ref": ref, "channel": key[1]})
+
+    def on_ping(self, frame: dict[str, Any], ref: Any) -> None:
+        timestamp = frame.get("timestamp")
+        pong: dict[str, Any] = {"type": "pong", "timestamp": timestamp if timestamp is not None else frames.iso_timestamp(time.time())}
+        if ref is not None:
+            pong["ref"] = ref
+        self.send(pong)
+
+    def _channel_key(self, frame: dict[str, Any]) -> ChannelKey:
+        assert self.identity is not None
+        try:
+            return self.eddy.check_join(self.identity, frame.get("channel"))
+        except ChannelRefused as exc:
+            raise FrameError(exc.code, exc.message) from None
+
+    def _subscribe(self, key: ChannelKey) -> None:
+        self.channels.add(key)
+        self.eddy.hub.subscribe(key, self)

@@ -1,0 +1,120 @@
+"""The ``eddy`` command: ``eddy serve`` and ``eddy token``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import signal
+import sys
+from collections.abc import Sequence
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.process
+
+from .auth import TokenVerifier, resolve_secret
+from .config import Settings, add_setting_flags
+
+log = logging.getLogger("eddy")
+
+#: Seconds a shutdown waits for sockets to close after telling them to go.
+SHUTDOWN_GRACE = 5.0
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (some machines default to 1024 sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+
+
+def serve(settings: Settings) -> None:
+    """Bind, optionally fork, and run until SIGTERM or SIGINT."""
+    configure_logging(settings.log_level)
+    limit = raise_open_file_limit()
+    if settings.processes != 1 and settings.storage.startswith("memory:"):
+        sys.exit("eddy: memory:// storage cannot be shared by several processes; use sqlite:// or mongodb://")
+    # Create the development secret before forking so every process agrees on it.
+    resolve_secret(settings.jwt_secret, settings.secret_file, settings.storage, create=True)
+    sockets = tornado.netutil.bind_sockets(settings.port, settings.address, reuse_port=False)
+    if settings.processes != 1:
+        tornado.process.fork_processes(settings.processes or None)
+    log.info(
+        "eddy listening on %s:%d (storage %s, open-file limit %d)",
+        settings.address, settings.port, settings.storage.split("?")[0], limit,
+    )
+    asyncio.run(_run(settings, sockets))
+
+
+async def _run(settings: Settings, sockets) -> None:
+    from .app import Eddy
+
+    eddy = Eddy(settings)
+    await eddy.start()
+    server = tornado.httpserver.HTTPServer(eddy.make_app(), xheaders=True)
+    server.add_sockets(sockets)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+
+    log.info("shutting down: closing %d connections", eddy.hub.connection_count)
+    server.stop()
+    eddy.hub.close_all(1001, "server shutting down")
+    deadline = loop.time() + SHUTDOWN_GRACE
+    while eddy.hub.connection_count and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await server.close_all_connections()
+    await eddy.stop()
+
+
+def token(args: argparse.Namespace) -> None:
+    settings = Settings.from_env(storage=args.storage)
+    secret, _ = resolve_secret(settings.jwt_secret, settings.secret_file, settings.storage, create=True)
+    verifier = TokenVerifier(secret, default_tenant=settings.default_tenant)
+    print(verifier.mint(args.sub, tenant=args.tenant, roles=args.role, ttl=args.ttl or None))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eddy", description="Eddy real-time event service")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser("serve", help="run the server")
+    add_setting_flags(serve_parser)
+
+    token_parser = commands.add_parser("token", help="print a signed client token (JWT)")
+    token_parser.add_argument("--sub", required=True, help="user id")
+    token_parser.add_argument("--tenant", default=None, help="tenant (default: the default tenant)")
+    token_parser.add_argument("--role", action="append", default=[], help="a role; repeat for several")
+    token_parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (0 = never)")
+    token_parser.add_argument("--storage", default=None, help="storage URL, to find the development secret")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        overrides = {name: value for name, value in vars(args).items() if name != "command"}
+        try:
+            settings = Settings.from_env(**overrides)
+        except ValueError as exc:
+            sys.exit(f"eddy: {exc}")
+        serve(settings)
+    elif args.command == "token":
+        token(args)

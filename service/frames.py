@@ -1,0 +1,95 @@
+"""Wire formats shared by every transport: JSON frames, error codes, WebSocket framing.
+
+The hub encodes an event once into a :class:`PreparedMessage`; each transport
+takes the representation it needs from it (the JSON payload, or the complete
+WebSocket frame), computed once and shared by every recipient.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from datetime import datetime, timezone
+from functools import cached_property
+from typing import Any
+
+import orjson
+
+from storage import Event
+
+# Error codes sent in {"type":"error"} frames (documented in docs/PROTOCOL.md).
+INVALID_JSON = "INVALID_JSON"
+INVALID_FRAME = "INVALID_FRAME"
+UNSUPPORTED_BINARY = "UNSUPPORTED_BINARY"
+UNKNOWN_TYPE = "UNKNOWN_TYPE"
+INVALID_CHANNEL = "INVALID_CHANNEL"
+FORBIDDEN = "FORBIDDEN"
+NOT_SUBSCRIBED = "NOT_SUBSCRIBED"
+TOO_MANY_CHANNELS = "TOO_MANY_CHANNELS"
+INTERNAL_ERROR = "INTERNAL_ERROR"
+
+# WebSocket close codes.
+CLOSE_GOING_AWAY = 1001
+CLOSE_SLOW_CONSUMER = 4008
+
+CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
+CHANNEL_RULE_TEXT = "channel names are 1-200 characters of A-Z a-z 0-9 _ - . : @"
+
+
+def is_valid_channel(name: object) -> bool:
+    return isinstance(name, str) and CHANNEL_PATTERN.fullmatch(name) is not None
+
+
+def iso_timestamp(seconds: float) -> str:
+    """``2024-05-30T14:27:11.125Z``: UTC, millisecond precision, as in seed 000."""
+    moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def event_body(event: Event) -> dict[str, Any]:
+    """The ``event`` frame as a dict; HTTP answers use the same shape."""
+    return {
+        "type": "event",
+        "id": event.id,
+        "channel": event.channel,
+        "event": event.event,
+        "timestamp": iso_timestamp(event.timestamp),
+        "data": event.data,
+    }
+
+
+def encode(frame: dict[str, Any]) -> bytes:
+    return orjson.dumps(frame)
+
+
+def error_frame(code: str, message: str, ref: Any = None) -> dict[str, Any]:
+    return {"type": "error", "ref": ref, "code": code, "error": message}
+
+
+def websocket_text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked, uncompressed RFC 6455 text frame (what a server sends)."""
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x81, length)
+    elif length <= 0xFFFF:
+        header = struct.pack("!BBH", 0x81, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, length)
+    return header + payload
+
+
+class PreparedMessage:
+    """One outgoing message, encoded once for any number of recipients."""
+
+    __slots__ = ("payload", "__dict__")
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    @classmethod
+    def for_event(cls, event: Event) -> PreparedMessage:
+        return cls(encode(event_body(event)))
+
+    @cached_property
+    def websocket_frame(self) -> bytes:
+        return websocket_text_frame(self.payload)

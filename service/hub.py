@@ -1,0 +1,107 @@
+"""The hub: this process's connections, their subscriptions, and fan-out.
+
+The hub never awaits a subscriber. ``publish`` encodes an event once and hands
+the same :class:`PreparedMessage` to every local subscriber of the channel, each
+of which queues bytes on its own socket and returns at once; a socket that
+cannot keep up is the subscriber's problem (it disconnects itself), never the
+other subscribers'. Channels are keyed by (tenant, channel), so tenants cannot
+see each other's events even when they use the same channel names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Protocol
+
+from storage import Event
+
+from .frames import PreparedMessage
+
+log = logging.getLogger("eddy.hub")
+
+ChannelKey = tuple[str, str]  # (tenant, channel)
+
+
+class Subscriber(Protocol):
+    def deliver(self, message: PreparedMessage) -> None:
+        """Queue ``message`` for sending without blocking; must not raise."""
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Start closing the connection with ``code``."""
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._channels: dict[ChannelKey, set[Subscriber]] = {}
+        self._connections: set[Subscriber] = set()
+        self.events_published = 0
+        self.deliveries = 0
+
+    # Connections -----------------------------------------------------------
+
+    def connect(self, subscriber: Subscriber) -> None:
+        self._connections.add(subscriber)
+
+    def disconnect(self, subscriber: Subscriber, channels: Iterable[ChannelKey]) -> None:
+        """Forget ``subscriber`` and its subscriptions to ``channels``."""
+        self._connections.discard(subscriber)
+        for key in channels:
+            self.unsubscribe(key, subscriber)
+
+    def close_all(self, code: int, reason: str) -> None:
+        """Ask every connection to close (shutdown); they disconnect as they go."""
+        for subscriber in tuple(self._connections):
+            try:
+                subscriber.close(code, reason)
+            except Exception:
+                log.exception("closing a connection failed")
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # Subscriptions ---------------------------------------------------------
+
+    def subscribe(self, key: ChannelKey, subscriber: Subscriber) -> None:
+        self._channels.setdefault(key, set()).add(subscriber)
+
+    def unsubscribe(self, key: ChannelKey, subscriber: Subscriber) -> None:
+        members = self._channels.get(key)
+        if members is None:
+            return
+        members.discard(subscriber)
+        if not members:
+            del self._channels[key]
+
+    def subscriber_count(self, key: ChannelKey) -> int:
+        return len(self._channels.get(key, ()))
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    # Fan-out ---------------------------------------------------------------
+
+    def publish(self, event: Event) -> int:
+        """Deliver ``event`` to every local subscriber of its channel; returns how many."""
+        self.events_published += 1
+        members = self._channels.get((event.tenant, event.channel))
+        if not members:
+            return 0
+        message = PreparedMessage.for_event(event)
+        return self._deliver(tuple(members), message)
+
+    def broadcast(self, message: PreparedMessage) -> int:
+        """Deliver ``message`` to every connection (keepalives, shutdown notices)."""
+        return self._deliver(tuple(self._connections), message)
+
+    def _deliver(self, recipients: tuple[Subscriber, ...], message: PreparedMessage) -> int:
+        # A snapshot, because a subscriber may leave while we iterate.
+        for subscriber in recipients:
+            try:
+                subscriber.deliver(message)
+            except Exception:  # one broken subscriber must not starve the others
+                log.exception("delivery to a subscriber failed")
+        self.deliveries += len(recipients)
+        return len(recipients)

@@ -1,0 +1,102 @@
+"""The watcher: the one consumer of the store's change feed in this process.
+
+It turns every committed event into a hub publish, in commit order. It
+remembers the position of the last event it handed over, and after a storage
+error it resumes from exactly there (with exponential backoff), so an outage
+neither loses nor repeats an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from storage import Storage
+
+from .hub import Hub
+
+log = logging.getLogger("eddy.watcher")
+
+
+class Watcher:
+    def __init__(
+        self,
+        storage: Storage,
+        hub: Hub,
+        *,
+        initial_backoff: float = 0.05,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.storage = storage
+        self.hub = hub
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        #: Position of the last event handed to the hub (None until known).
+        self.position: int | None = None
+        #: Seconds-since-epoch timestamp of that event, for lag reporting.
+        self.last_event_time: float | None = None
+        self.failures = 0
+        self.last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, after: int | None = None) -> None:
+        """Start following the feed after ``after`` (default: the store's current end)."""
+        if self._task is not None:
+            raise RuntimeError("the watcher is already running")
+        self.position = after
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="eddy-watcher")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def connected(self) -> bool:
+        """True while the watcher follows the feed (not backing off after an error)."""
+        return self.running and self.last_error is None
+
+    def lag_seconds(self) -> float:
+        """How old the newest event handed over is; 0 before the first one."""
+        return 0.0 if self.last_event_time is None else max(0.0, time.time() - self.last_event_time)
+
+    async def _run(self) -> None:
+        backoff = self.initial_backoff
+        while True:
+            try:
+                if self.position is None:
+                    self.position = await self.storage.last_position()
+                if self.last_error is not None:
+                    await self.storage.ping()
+                    log.info("watcher resuming after position %d", self.position)
+                    self.last_error = None
+                async for event in self.storage.watch(self.position):
+                    if event.position <= self.position:
+                        continue  # a backend replaying its seam; never hand over twice
+                    self.hub.publish(event)
+                    self.position = event.position
+                    self.last_event_time = event.timestamp
+                    backoff = self.initial_backoff
+                    # Let sockets and requests run between large fan-outs.
+                    await asyncio.sleep(0)
+                raise RuntimeError("the storage change feed ended")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "watcher error at position %s (%s); retrying in %.2fs", self.position, self.last_error, backoff
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
