@@ -103,9 +103,13 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         log.debug("connection %s open for user %s", self.connection_id, self.identity.user_id)
 
     def on_close(self) -> None:
+        self._leave_hub()
+        log.debug("connection %s closed (%s)", self.connection_id, self.close_code)
+
+    def _leave_hub(self) -> None:
+        """Stop all deliveries to this socket (idempotent)."""
         self.eddy.hub.disconnect(self, self.channels)
         self.channels = set()
-        log.debug("connection %s closed (%s)", self.connection_id, self.close_code)
 
     def deliver(self, message: frames.PreparedMessage) -> None:
         """Queue a prepared frame on the socket, bypassing per-call encoding and framing."""
@@ -124,6 +128,7 @@ class EventSocket(tornado.websocket.WebSocketHandler):
 
     def _close_slow_consumer(self) -> None:
         log.warning("connection %s closed: slow consumer", self.connection_id)
+        self._leave_hub()
         # Lift the bound so the close frame can queue behind the backlog; if the
         # client never reads it, Tornado aborts the connection after a timeout.
         self.ws_connection.stream.max_write_buffer_size = None

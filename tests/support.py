@@ -1,0 +1,105 @@
+"""Helpers for tests: tokens, a small WebSocket client, HTTP calls against a running Eddy."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import jwt
+import orjson
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+SECRET = "test-secret-of-at-least-thirty-two-bytes!"
+TIMEOUT = 5.0
+
+
+def make_token(sub: str = "alice", tenant: str | None = "acme", roles: list[str] | None = None,
+               secret: str = SECRET, algorithm: str = "HS256", **claims: Any) -> str:
+    payload: dict[str, Any] = {"sub": sub, "iat": int(time.time()), "exp": int(time.time()) + 3600}
+    if tenant is not None:
+        payload["tenant"] = tenant
+    if roles is not None:
+        payload["roles"] = roles
+    payload.update(claims)
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, secret, algorithm=algorithm)
+
+
+class Client:
+    """A test WebSocket client that reads JSON frames with timeouts."""
+
+    def __init__(self, connection: WebSocketClientConnection) -> None:
+        self.connection = connection
+
+    @classmethod
+    async def connect(cls, port: int, path: str = "/ws", token: str | None = None, *,
+                      header: bool = True, query: str = "") -> "Client":
+        url = f"ws://127.0.0.1:{port}{path}{query}"
+        headers = {"Authorization": f"Bearer {token}"} if token and header else {}
+        connection = await asyncio.wait_for(websocket_connect(HTTPRequest(url, headers=headers)), TIMEOUT)
+        return cls(connection)
+
+    def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        if isinstance(frame, dict):
+            frame = orjson.dumps(frame).decode()
+        self.connection.write_message(frame, binary=isinstance(frame, bytes))
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        message = await asyncio.wait_for(self.connection.read_message(), timeout)
+        if message is None:
+            raise ConnectionError(f"closed: {self.connection.close_code} {self.connection.close_reason}")
+        return orjson.loads(message)
+
+    async def recv_type(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next frame of type ``kind``, skipping keepalives only."""
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] == kind:
+                return frame
+            if frame["type"] != "keepalive":
+                raise AssertionError(f"expected {kind}, got {frame}")
+
+    async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
+        self.send(frame)
+        return await self.recv()
+
+    async def no_frame_within(self, seconds: float) -> bool:
+        try:
+            frame = await self.recv(seconds)
+        except asyncio.TimeoutError:
+            return True
+        raise AssertionError(f"unexpected frame {frame}")
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+async def http(port: int, method: str, path: str, body: Any = None, token: str | None = None,
+               headers: dict[str, str] | None = None, raw: bytes | None = None) -> HTTPResponse:
+    """An HTTP call that returns the response for every status (no raising on 4xx/5xx)."""
+    all_headers = dict(headers or {})
+    if token:
+        all_headers["Authorization"] = f"Bearer {token}"
+    data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+    if method in ("POST", "PUT") and data is None:
+        data = b""
+    request = HTTPRequest(f"http://127.0.0.1:{port}{path}", method=method, headers=all_headers, body=data,
+                          request_timeout=TIMEOUT)
+    try:
+        return await AsyncHTTPClient().fetch(request)
+    except HTTPClientError as exc:
+        assert exc.response is not None
+        return exc.response
+
+
+def json_of(response: HTTPResponse) -> Any:
+    return orjson.loads(response.body)
+
+
+async def publish(port: int, channel: str, event: str = "ticket.created", data: Any = None,
+                  token: str | None = None) -> dict[str, Any]:
+    response = await http(port, "POST", "/api/events", {"channel": channel, "event": event, "data": data},
+                          token or make_token())
+    assert response.code == 201, response.body
+    return json_of(response)

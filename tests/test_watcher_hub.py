@@ -1,0 +1,164 @@
+"""The watcher's recovery and the hub's fan-out, without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.frames import PreparedMessage
+from service.hub import Hub
+from service.watcher import Watcher
+from storage import EventDraft, StorageUnavailable
+from storage.memory import MemoryStorage
+
+
+class Recorder:
+    """A subscriber that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.messages: list[PreparedMessage] = []
+
+    def deliver(self, message: PreparedMessage) -> None:
+        self.messages.append(message)
+
+    def close(self, code=None, reason=None) -> None:
+        pass
+
+    @property
+    def ids(self) -> list[int]:
+        import orjson
+
+        return [int(orjson.loads(m.payload)["id"]) for m in self.messages]
+
+
+class FlakyStorage(MemoryStorage):
+    """Fails its change feed after every ``every`` events, ``times`` times, and replays
+    a few already-delivered events when resumed (as a backend at a seam might)."""
+
+    def __init__(self, every: int, times: int) -> None:
+        super().__init__()
+        self.every, self.failures_left, self.watch_calls = every, times, 0
+
+    async def watch(self, after: int):
+        self.watch_calls += 1
+        yielded = 0
+        async for event in super().watch(max(0, after - 2)):  # replay two old ones
+            yield event
+            yielded += 1
+            if self.failures_left and yielded >= self.every:
+                self.failures_left -= 1
+                raise StorageUnavailable("connection reset")
+
+
+async def wait_for(condition, timeout: float = 5.0) -> None:
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout)
+
+
+@pytest.mark.gen_test
+async def test_watcher_resumes_after_errors_without_loss_or_duplicates():
+    storage = FlakyStorage(every=7, times=5)
+    await storage.open()
+    hub = Hub()
+    recorder = Recorder()
+    hub.subscribe(("acme", "orders"), recorder)
+    watcher = Watcher(storage, hub, initial_backoff=0.001, max_backoff=0.01)
+    watcher.start(after=0)
+
+    async def producer():
+        for n in range(100):
+            await storage.append(EventDraft("acme", "orders", "n", {"n": n}))
+            if n % 10 == 0:
+                await asyncio.sleep(0.005)
+
+    await producer()
+    await wait_for(lambda: len(recorder.messages) >= 100)
+    await asyncio.sleep(0.05)
+    assert recorder.ids == list(range(1, 101))
+    assert watcher.failures == 5 and storage.watch_calls == 6
+    assert watcher.position == 100 and watcher.connected
+    await watcher.stop()
+    assert not watcher.running
+
+
+@pytest.mark.gen_test
+async def test_watcher_backs_off_while_storage_is_down_then_catches_up():
+    storage = MemoryStorage()
+    await storage.open()
+    hub = Hub()
+    recorder = Recorder()
+    hub.subscribe(("t", "c"), recorder)
+    watcher = Watcher(storage, hub, initial_backoff=0.01, max_backoff=0.05)
+    await storage.append(EventDraft("t", "c", "before"))
+    watcher.start()  # from the current end: "before" is history, not live
+    await asyncio.sleep(0.05)
+
+    await storage.close()  # the outage: the feed raises, pings fail
+    await wait_for(lambda: watcher.last_error is not None)
+    assert not watcher.connected
+    failures_during_outage = watcher.failures
+    await asyncio.sleep(0.2)
+    assert watcher.failures > failures_during_outage  # still retrying, with backoff
+
+    await storage.open()
+    for n in range(3):
+        await storage.append(EventDraft("t", "c", "after", {"n": n}))
+    await wait_for(lambda: len(recorder.messages) == 3)
+    assert recorder.ids == [2, 3, 4]
+    await wait_for(lambda: watcher.connected)
+    await watcher.stop()
+
+
+def test_hub_encodes_once_and_shares_the_frame_by_tenant():
+    from storage import Event
+
+    hub = Hub()
+    acme = [Recorder() for _ in range(3)]
+    globex = Recorder()
+    for r in acme:
+        hub.subscribe(("acme", "tickets"), r)
+    hub.subscribe(("globex", "tickets"), globex)
+    event = Event(position=1, tenant="acme", channel="tickets", event="ticket.created", data={"a": 1}, timestamp=0.0)
+    assert hub.publish(event) == 3
+    assert globex.messages == []
+    first = acme[0].messages[0]
+    assert all(r.messages[0] is first for r in acme)  # one object, encoded once
+    assert first.websocket_frame is first.websocket_frame  # framed once
+    assert first.websocket_frame[0] == 0x81 and first.websocket_frame.endswith(first.payload)
+
+    hub.unsubscribe(("acme", "tickets"), acme[0])
+    assert hub.subscriber_count(("acme", "tickets")) == 2
+    hub.disconnect(acme[1], [("acme", "tickets")])
+    assert hub.subscriber_count(("acme", "tickets")) == 1
+
+
+def test_one_broken_subscriber_does_not_starve_the_others():
+    from storage import Event
+
+    class Broken(Recorder):
+        def deliver(self, message):
+            raise RuntimeError("bug in a transport")
+
+    hub = Hub()
+    good = Recorder()
+    hub.subscribe(("t", "c"), Broken())
+    hub.subscribe(("t", "c"), good)
+    hub.publish(Event(position=1, tenant="t", channel="c", event="e", data=None, timestamp=0.0))
+    assert good.ids == [1]
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_websocket_frame_lengths(size):
+    from service.frames import websocket_text_frame
+
+    frame = websocket_text_frame(b"a" * size)
+    assert frame[0] == 0x81
+    if size < 126:
+        assert frame[1] == size and len(frame) == size + 2
+    elif size <= 0xFFFF:
+        assert frame[1] == 126 and int.from_bytes(frame[2:4], "big") == size and len(frame) == size + 4
+    else:
+        assert frame[1] == 127 and int.from_bytes(frame[2:10], "big") == size and len(frame) == size + 10
