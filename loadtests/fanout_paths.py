@@ -1,0 +1,152 @@
+"""Fan-out cost per delivery: Tornado's ``write_message`` vs Eddy's prepared frames.
+
+One process runs an Eddy hub with N WebSocket connections (opened and drained
+by a client subprocess, so its CPU is not counted). For each path it publishes
+K events to all N sockets and reports the server's CPU time per delivery, the
+median of several rounds, and the ratio between the two paths in the same run.
+
+    python -m loadtests.fanout_paths --sockets 2000 --events 50 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jwt
+import tornado.httpserver
+import tornado.websocket
+
+from handlers.websocket import EventSocket
+from service.app import Eddy
+from service.cli import raise_open_file_limit
+from service.config import Settings
+from storage import Event
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "fanout-secret-fanout-secret-fanout-secret"
+
+CLIENT = r"""
+import asyncio, base64, os, sys
+async def one(port, token):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write((f"GET /ws/bench/stream?access_token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer  # dropping the writer would close the socket
+async def main(port, count, token):
+    readers = []
+    for i in range(count):
+        readers.append(await one(port, token))
+    print("ready", flush=True)
+    async def drain(pair):
+        while await pair[0].read(65536):
+            pass
+    await asyncio.gather(*(drain(pair) for pair in readers))
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
+"""
+
+
+def write_message_path(self: EventSocket, message) -> None:
+    """What a naive hub does: Tornado's write_message per socket (encode, frame, task)."""
+    if self.ws_connection is None or self.ws_connection.is_closing():
+        return
+    self.write_message(message.payload)
+
+
+def raw_send_path(self: EventSocket, message) -> None:
+    """Experiment: send() straight on the socket when nothing is queued."""
+    connection = self.ws_connection
+    if connection is None or connection.is_closing():
+        return
+    stream = connection.stream
+    frame = message.websocket_frame
+    if not stream.writing():
+        try:
+            sent = stream.socket.send(frame)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(frame):
+            return
+        frame = frame[sent:]
+    stream.write(frame)
+
+
+async def measure(eddy: Eddy, sockets: int, events: int, rounds: int) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {"prepared frame": [], "write_message": [], "raw send": []}
+    position = 0
+    payload = {"order": 1234, "status": "pendente", "cliente": "Nome do Cliente", "valor_total": "1000.00"}
+    for _ in range(rounds):
+        for name, deliver in (("prepared frame", EventSocket.deliver), ("write_message", write_message_path),
+                              ("raw send", raw_send_path)):
+            EventSocket.deliver = deliver
+            await asyncio.sleep(0.2)
+            started = time.process_time()
+            for _ in range(events):
+                position += 1
+                eddy.hub.publish(Event(position, "bench", "bench", "pedido_criado", payload, time.time()))
+                # Let scheduled write tasks and socket writes run before the next event.
+                for _ in range(3):
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0.05)
+            results[name].append((time.process_time() - started) / (events * sockets) * 1e6)
+    return results
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    settings = Settings(storage="memory://", jwt_secret=SECRET, keepalive_interval=0, ping_interval=0,
+                        ping_timeout=0, max_buffered_bytes=64 << 20)
+    eddy = Eddy(settings)
+    await eddy.start()
+    server = tornado.httpserver.HTTPServer(eddy.make_app())
+    server.listen(args.port, "127.0.0.1")
+    token = jwt.encode({"sub": "bench", "tenant": "bench"}, SECRET, algorithm="HS256")
+    client = subprocess.Popen([sys.executable, "-c", CLIENT, str(args.port), str(args.sockets), token],
+                              stdout=subprocess.PIPE, stderr=open("/tmp/fanout-client.err", "wb"),
+                              env=os.environ | {"PYTHONPATH": str(ROOT)})
+    loop = asyncio.get_running_loop()
+    line = await loop.run_in_executor(None, client.stdout.readline)
+    assert line.strip() == b"ready", line
+    while eddy.hub.subscriber_count(("bench", "bench")) < args.sockets:
+        if client.poll() is not None:
+            raise RuntimeError("the client process exited")
+        await asyncio.sleep(0.05)
+    original = EventSocket.deliver
+    try:
+        results = await measure(eddy, args.sockets, args.events, args.rounds)
+    finally:
+        EventSocket.deliver = original
+        client.kill()
+        server.stop()
+        await eddy.stop()
+    prepared = statistics.median(results["prepared frame"])
+    naive = statistics.median(results["write_message"])
+    print(f"sockets={args.sockets} events/round={args.events} rounds={args.rounds}")
+    print(f"{'path':<16}{'median CPU µs/delivery':>24}{'deliveries/s (1 core)':>24}")
+    for name, value in (("write_message", naive), ("prepared frame", prepared),
+                        ("raw send", statistics.median(results["raw send"]))):
+        print(f"{name:<16}{value:>24.1f}{1e6 / value:>24,.0f}")
+    print(f"prepared frame is {naive / prepared:.2f}x cheaper per delivery than write_message")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sockets", type=int, default=2000)
+    parser.add_argument("--events", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--port", type=int, default=8896)
+    args = parser.parse_args()
+    raise_open_file_limit()
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

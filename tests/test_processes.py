@@ -1,0 +1,159 @@
+"""Real `eddy serve` processes: two sharing one SQLite file, the development secret, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import SECRET, Client, http, make_token, publish
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EddyProcess:
+    """``python -m service serve`` in a subprocess, logs captured to a file."""
+
+    def __init__(self, tmp_path: Path, storage: str, *, secret: str | None = SECRET, args: list[str] = (),
+                 cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.log_path = tmp_path / f"eddy-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDDY_")}
+        env["PYTHONPATH"] = str(ROOT)
+        if secret:
+            env["EDDY_JWT_SECRET"] = secret
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--address", "127.0.0.1",
+             "--storage", storage, *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd or tmp_path,
+        )
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"eddy exited: {self.output()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+                    if b" 200 " in sock.recv(100):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"eddy not ready: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    started: list[EddyProcess] = []
+
+    def start(storage: str, **kwargs) -> EddyProcess:
+        process = EddyProcess(tmp_path, storage, **kwargs)
+        started.append(process)
+        process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_two_processes_share_one_sqlite_file(processes, tmp_path):
+    storage = f"sqlite:///{tmp_path}/shared.db"
+    a, b = processes(storage), processes(storage)
+    token = make_token("kiosk", tenant="parking")
+    on_a = await Client.connect(a.port, "/ws/tickets/stream", token)
+    on_b = await Client.connect(b.port, "/ws/tickets/stream", token)
+    await on_a.recv()
+    await on_b.recv()
+
+    sent = []
+    for n in range(20):
+        target = b if n % 2 else a
+        sent.append((await publish(target.port, "tickets", "ticket.created", {"n": n}, token))["id"])
+    for client in (on_a, on_b):
+        received = [(await client.recv_type("event"))["id"] for _ in range(20)]
+        assert received == sorted(sent, key=int)
+    on_a.close()
+    on_b.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_development_secret_is_shared_by_serve_and_token(processes, tmp_path):
+    storage = "sqlite:///data/eddy.db"
+    server = processes(storage, secret=None)
+    secret_file = tmp_path / "data" / "eddy.secret"
+    assert secret_file.exists()
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    secret = secret_file.read_text().strip()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDDY_")} | {"PYTHONPATH": str(ROOT)}
+    minted = subprocess.run(
+        [sys.executable, "-m", "service", "token", "--sub", "alice", "--tenant", "acme", "--role", "agent",
+         "--storage", storage],
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=True,
+    ).stdout.strip()
+    client = await Client.connect(server.port, "/ws/tickets/stream", minted)
+    connected = await client.recv()
+    assert connected["user_id"] == "alice" and connected["tenant"] == "acme"
+    client.close()
+    log = server.output()
+    assert "DEVELOPMENT SECRET IN USE" in log
+    assert secret not in log and minted not in log
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sigterm_tells_clients_to_go_and_exits(processes, tmp_path):
+    server = processes(f"sqlite:///{tmp_path}/eddy.db")
+    client = await Client.connect(server.port, "/ws/tickets/stream", make_token())
+    await client.recv()
+    server.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(client.connection.read_message(), 10) is None
+    assert client.connection.close_code == 1001
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, server.process.wait, 10) == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_storage_url_errors_are_clear(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDDY_")} | {"PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--processes", "2", "--storage", "memory://"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=20,
+    )
+    assert result.returncode != 0 and "memory://" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--port", "notaport"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=20,
+    )
+    assert result.returncode == 2 and "--port" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--port", str(free_port())],
+        capture_output=True, text=True, env=env | {"EDDY_HISTORY_SIZE": "lots"}, cwd=tmp_path, timeout=20,
+    )
+    assert result.returncode != 0 and "EDDY_HISTORY_SIZE" in result.stderr
