@@ -1,0 +1,390 @@
+"""The embedded default store: one SQLite file, shareable by several Eddy processes.
+
+``sqlite:///relative/eddy.db`` or ``sqlite:////absolute/eddy.db``, with optional
+query options ``poll_interval`` (seconds between checks for other processes'
+commits, default 0.005) and ``busy_timeout`` (seconds to wait for another
+process's write lock, default 5).
+
+Why it is safe to tail by position: SQLite admits one writer at a time and
+assigns ``AUTOINCREMENT`` positions inside the write transaction, so positions
+become visible in the order they were assigned. A reader that has seen
+position N can never later find a committed N-1 it missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+
+from .base import EPHEMERAL_TTL, Event, EventDraft, History, Storage, StorageError, StorageUnavailable
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    event TEXT NOT NULL,
+    data BLOB NOT NULL,
+    timestamp REAL NOT NULL,
+    ephemeral INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_channel ON events (tenant, channel, position) WHERE ephemeral = 0;
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_key ON events (tenant, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS trimmed (
+    tenant TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    through INTEGER NOT NULL,
+    PRIMARY KEY (tenant, channel)
+);
+"""
+
+COLUMNS = "position, tenant, channel, event, data, timestamp, ephemeral, idempotency_key"
+
+#: Trim a channel by size after this many appends to it in this process.
+TRIM_EVERY = 100
+#: Seconds between sweeps for expired and ephemeral events.
+SWEEP_INTERVAL = 5.0
+#: Rows a feed read returns at once.
+FEED_BATCH = 1000
+
+
+def _row_to_event(row: tuple) -> Event:
+    position, tenant, channel, event, data, timestamp, ephemeral, key = row
+    return Event(position, tenant, channel, event, orjson.loads(data), timestamp, bool(ephemeral), key)
+
+
+class SQLiteStorage(Storage):
+    def __init__(self, url: str, **options: float) -> None:
+        super().__init__(**options)
+        parts = urlsplit(url)
+        if parts.scheme != "sqlite" or parts.path in ("", "/") or parts.path == "/:memory:":
+            raise ValueError(f"expected sqlite:///path/to/file.db, got {url!r}")
+        self.url = url
+        self.path = Path(parts.path[1:])  # "/rel.db" -> "rel.db", "//abs.db" -> "/abs.db"
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.poll_interval = float(query.get("poll_interval", 0.005))
+        self.busy_timeout = float(query.get("busy_timeout", 5.0))
+        #: Transactions the writer committed; lets tests see group commit at work.
+        self.transactions = 0
+        self._writer_pool: ThreadPoolExecutor | None = None
+        self._reader_pool: ThreadPoolExecutor | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._queue: asyncio.Queue[tuple[EventDraft, asyncio.Future[Event]]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        #: One event per running watcher, set after every local commit.
+        self._wakeups: set[asyncio.Event] = set()
+        self._appends_since_trim: dict[tuple[str, str], int] = {}
+        self._closed = True
+
+    # Lifecycle -------------------------------------------------------------
+
+    async def open(self) -> None:
+        if not self._closed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="eddy-sqlite-writer")
+        self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="eddy-sqlite-reader")
+        try:
+            self._writer = await self._on(self._writer_pool, self._connect, True)
+            self._reader = await self._on(self._reader_pool, self._connect, False)
+        except sqlite3.Error as exc:
+            self._shutdown_pools()
+            raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
+        self._queue = asyncio.Queue()
+        self._closed = False
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._write_batches(), name="eddy-sqlite-writer"),
+            loop.create_task(self._sweep_periodically(), name="eddy-sqlite-sweeper"),
+        ]
+
+    def _connect(self, create_schema: bool) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                     check_same_thread=False)
+        connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        if create_schema:
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")  # an acknowledged event survives power loss
+            connection.executescript(SCHEMA)
+        return connection
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        while self._queue is not None and not self._queue.empty():
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(StorageUnavailable("storage closed"))
+        self._wake_watchers()  # so they notice the close
+        for connection, pool in ((self._writer, self._writer_pool), (self._reader, self._reader_pool)):
+            if connection is not None and pool is not None:
+                await self._on(pool, connection.close)
+        self._writer = self._reader = None
+        self._shutdown_pools()
+
+    def _shutdown_pools(self) -> None:
+        for pool in (self._writer_pool, self._reader_pool):
+            if pool is not None:
+                pool.shutdown(wait=False)
+        self._writer_pool = self._reader_pool = None
+
+    async def _on(self, pool: ThreadPoolExecutor | None, function: Callable[..., T], *args: Any) -> T:
+        if pool is None:
+            raise StorageUnavailable("sqlite storage is closed")
+        return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageUnavailable("sqlite storage is closed")
+
+    # Appending (group commit) ------------------------------------------------
+
+    async def append(self, draft: EventDraft) -> Event:
+        self._check_open()
+        assert self._queue is not None
+        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((draft, future))
+        return await future
+
+    async def _write_batches(self) -> None:
+        """Drain the queue: everything waiting when a write starts commits in one transaction."""
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            drafts = [draft for draft, _ in batch]
+            try:
+                events = await self._on(self._writer_pool, self._insert, drafts)
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(StorageUnavailable("storage closed"))
+                raise
+            except Exception as exc:
+                error = exc if isinstance(exc, StorageError) else StorageUnavailable(f"sqlite write failed: {exc}")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            self._wake_watchers()
+            for (_, future), event in zip(batch, events):
+                if not future.done():
+                    future.set_result(event)
+            await self._trim_busy_channels(events)
+
+    def _insert(self, drafts: list[EventDraft]) -> list[Event]:
+        connection = self._writer
+        assert connection is not None
+        now = self.now()
+        events: list[Event] = []
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                for draft in drafts:
+                    events.append(self._insert_one(connection, draft, now))
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"sqlite write failed: {exc}") from exc
+        self.transactions += 1
+        return events
+
+    @staticmethod
+    def _insert_one(connection: sqlite3.Connection, draft: EventDraft, now: float) -> Event:
+        if draft.idempotency_key is not None:
+            row = connection.execute(
+                f"SELECT {COLUMNS} FROM events WHERE tenant = ? AND idempotency_key = ?",
+                (draft.tenant, draft.idempotency_key),
+            ).fetchone()
+            if row is not None:
+                return _row_to_event(row)
+        cursor = connection.execute(
+            "INSERT INTO events (tenant, channel, event, data, timestamp, ephemeral, idempotency_key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (draft.tenant, draft.channel, draft.event, orjson.dumps(draft.data), now, int(draft.ephemeral),
+             draft.idempotency_key),
+        )
+        return Event(cursor.lastrowid, draft.tenant, draft.channel, draft.event, draft.data, now,
+                     draft.ephemeral, draft.idempotency_key)
+
+    # Trimming ----------------------------------------------------------------
+
+    async def _trim_busy_channels(self, events: list[Event]) -> None:
+        due = []
+        for event in events:
+            if event.ephemeral:
+                continue
+            key = (event.tenant, event.channel)
+            count = self._appends_since_trim.get(key, 0) + 1
+            if count >= min(TRIM_EVERY, self.history_size):
+                due.append(key)
+                count = 0
+            self._appends_since_trim[key] = count
+        for tenant, channel in due:
+            try:
+                await self._on(self._writer_pool, self._trim_channel, tenant, channel)
+            except (sqlite3.Error, StorageError):
+                pass  # trimming is best effort; the next sweep tries again
+
+    def _trim_channel(self, tenant: str, channel: str) -> None:
+        """Keep the newest ``history_size`` events of one channel."""
+        connection = self._writer
+        assert connection is not None
+        row = connection.execute(
+            "SELECT position FROM events WHERE tenant = ? AND channel = ? AND ephemeral = 0"
+            " ORDER BY position DESC LIMIT 1 OFFSET ?",
+            (tenant, channel, self.history_size),
+        ).fetchone()
+        if row is not None:
+            self._delete_through(connection, tenant, channel, row[0])
+
+    @staticmethod
+    def _delete_through(connection: sqlite3.Connection, tenant: str, channel: str, through: int) -> None:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.execute(
+                "INSERT INTO trimmed (tenant, channel, through) VALUES (?, ?, ?)"
+                " ON CONFLICT (tenant, channel) DO UPDATE SET through = max(through, excluded.through)",
+                (tenant, channel, through),
+            )
+            connection.execute(
+                "DELETE FROM events WHERE tenant = ? AND channel = ? AND ephemeral = 0 AND position <= ?",
+                (tenant, channel, through),
+            )
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self._on(self._writer_pool, self.sweep)
+            except (sqlite3.Error, StorageError):
+                pass  # retried at the next sweep
+
+    def sweep(self) -> None:
+        """Delete expired events (recording what was trimmed) and old ephemeral ones."""
+        connection = self._writer
+        assert connection is not None
+        now = self.now()
+        expired = connection.execute(
+            "SELECT tenant, channel, max(position) FROM events WHERE ephemeral = 0 AND timestamp < ?"
+            " GROUP BY tenant, channel",
+            (now - self.history_ttl,),
+        ).fetchall()
+        for tenant, channel, through in expired:
+            self._delete_through(connection, tenant, channel, through)
+        connection.execute("DELETE FROM events WHERE ephemeral = 1 AND timestamp < ?", (now - EPHEMERAL_TTL,))
+
+    # Reading -----------------------------------------------------------------
+
+    async def history(self, tenant: str, channel: str, *, after: int = 0, limit: int = 100) -> History:
+        self._check_open()
+        return await self._read(self._history, tenant, channel, after, max(limit, 0))
+
+    def _history(self, tenant: str, channel: str, after: int, limit: int) -> History:
+        connection = self._reader
+        assert connection is not None
+        cutoff = self.now() - self.history_ttl
+        connection.execute("BEGIN")  # one snapshot for both queries
+        try:
+            rows = connection.execute(
+                f"SELECT {COLUMNS} FROM events WHERE tenant = ? AND channel = ? AND ephemeral = 0"
+                " AND position > ? AND timestamp >= ? ORDER BY position LIMIT ?",
+                (tenant, channel, after, cutoff, limit),
+            ).fetchall()
+            trimmed = connection.execute(
+                "SELECT through FROM trimmed WHERE tenant = ? AND channel = ?", (tenant, channel)
+            ).fetchone()
+            # Expired but not yet swept counts as trimmed.
+            expired = connection.execute(
+                "SELECT max(position) FROM events WHERE tenant = ? AND channel = ? AND ephemeral = 0"
+                " AND timestamp < ?",
+                (tenant, channel, cutoff),
+            ).fetchone()
+        finally:
+            connection.execute("COMMIT")
+        through = max(trimmed[0] if trimmed else 0, expired[0] or 0)
+        return History(events=[_row_to_event(r) for r in rows], lost=after < through)
+
+    async def last_position(self) -> int:
+        self._check_open()
+        return await self._read(self._last_position)
+
+    def _last_position(self) -> int:
+        assert self._reader is not None
+        row = self._reader.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return row[0] if row else 0
+
+    async def _read(self, function: Callable[..., T], *args: Any) -> T:
+        try:
+            return await self._on(self._reader_pool, function, *args)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"sqlite read failed: {exc}") from exc
+
+    def _wake_watchers(self) -> None:
+        for wakeup in self._wakeups:
+            wakeup.set()
+
+    async def watch(self, after: int) -> AsyncIterator[Event]:
+        self._check_open()
+        wakeup = asyncio.Event()
+        self._wakeups.add(wakeup)
+        try:
+            version = await self._read(self._data_version)
+            while not self._closed:
+                wakeup.clear()
+                rows = await self._read(self._feed_after, after)
+                for event in rows:
+                    yield event
+                    after = event.position
+                if len(rows) == FEED_BATCH:
+                    continue
+                # Wait for a local commit, or poll data_version, which changes
+                # when any other connection (another process, too) commits.
+                while not self._closed:
+                    try:
+                        await asyncio.wait_for(wakeup.wait(), self.poll_interval)
+                        break
+                    except asyncio.TimeoutError:
+                        current = await self._read(self._data_version)
+                        if current != version:
+                            version = current
+                            break
+        finally:
+            self._wakeups.discard(wakeup)
+        raise StorageUnavailable("sqlite storage was closed while watching")
+
+    def _feed_after(self, after: int) -> list[Event]:
+        assert self._reader is not None
+        rows = self._reader.execute(
+            f"SELECT {COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?", (after, FEED_BATCH)
+        ).fetchall()
+        return [_row_to_event(r) for r in rows]
+
+    def _data_version(self) -> int:
+        assert self._reader is not None
+        return self._reader.execute("PRAGMA data_version").fetchone()[0]
