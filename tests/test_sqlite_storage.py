@@ -1,0 +1,89 @@
+"""SQLite specifics: group commit, another process's appends, a locked database."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storage import EventDraft, StorageUnavailable, open_storage
+
+ROOT = Path(__file__).resolve().parent.parent
+
+APPENDER = """
+import asyncio, sys
+from storage import EventDraft, open_storage
+async def main(url, count):
+    store = open_storage(url)
+    await store.open()
+    for n in range(count):
+        await store.append(EventDraft("acme", "orders", "remote", {"n": n}))
+    await store.close()
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path}/eddy.db"
+
+
+@pytest.mark.gen_test
+async def test_concurrent_appends_share_transactions(url):
+    store = open_storage(url)
+    await store.open()
+    before = store.transactions
+    events = await asyncio.gather(*(store.append(EventDraft("t", "c", "e", {"n": n})) for n in range(100)))
+    assert len({e.position for e in events}) == 100
+    assert store.transactions - before < 100 / 4  # group commit batched them
+    await store.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_watch_sees_another_process_appends(url):
+    store = open_storage(url)
+    await store.open()
+    start = await store.last_position()
+    feed = store.watch(start)
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", APPENDER, url, "50", cwd=ROOT,
+                                                 env={"PYTHONPATH": str(ROOT)})
+    received = []
+    async def take():
+        async for event in feed:
+            received.append(event)
+            if len(received) == 50:
+                return
+    await asyncio.wait_for(take(), 30)
+    assert await asyncio.wait_for(child.wait(), 30) == 0
+    assert [e.data["n"] for e in received] == list(range(50))
+    assert all(e.event == "remote" for e in received)
+    await feed.aclose()
+    await store.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_locked_database_is_unavailable_then_recovers(url, tmp_path, io_loop):
+    store = open_storage(url + "?busy_timeout=0.2")
+    await store.open()
+    await store.append(EventDraft("t", "c", "before"))
+    blocker = sqlite3.connect(tmp_path / "eddy.db", isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(StorageUnavailable):
+        await store.append(EventDraft("t", "c", "during"))
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    after = await store.append(EventDraft("t", "c", "after"))
+    page = await store.history("t", "c")
+    assert [e.event for e in page.events] == ["before", "after"]
+    assert after.position == page.events[-1].position
+    await store.close()
+
+
+def test_url_must_name_a_file():
+    for bad in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
+        with pytest.raises(ValueError):
+            open_storage(bad)
