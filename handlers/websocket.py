@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import orjson
+import tornado.ioloop
 import tornado.web
 import tornado.websocket
 from tornado.iostream import StreamBufferFullError, StreamClosedError
@@ -23,6 +24,7 @@ from service import frames
 from service.app import ChannelRefused, Eddy
 from service.auth import AuthError, Identity, token_from_request
 from service.hub import ChannelKey
+from service.rules import automatic_rooms
 
 log = logging.getLogger("eddy.ws")
 
@@ -38,31 +40,51 @@ class FrameError(Exception):
 
 class EventSocket(tornado.websocket.WebSocketHandler):
     #: Client frame types and the method that handles each.
-    FRAME_HANDLERS = {"join": "on_join", "leave": "on_leave", "ping": "on_ping"}
+    FRAME_HANDLERS = {
+        "join": "on_join",
+        "leave": "on_leave",
+        "ping": "on_ping",
+        "authenticate": "on_authenticate",
+    }
+    #: Frames a socket may send before it has authenticated.
+    BEFORE_AUTHENTICATION = frozenset({"authenticate", "ping"})
 
     def initialize(self, eddy: Eddy) -> None:
         self.eddy = eddy
         self.identity: Identity | None = None
         self.path_channel: ChannelKey | None = None
         self.channels: set[ChannelKey] = set()
+        self.automatic: set[ChannelKey] = set()
         self.connection_id = uuid.uuid4().hex
+        self._timers: dict[str, object] = {}
 
     # Handshake -------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Refuse a bad token or path channel with an HTTP problem before the upgrade."""
+    async def prepare(self) -> None:
+        """Refuse a bad token or path channel with an HTTP problem before the upgrade.
+
+        With ``EDDY_AUTH_TIMEOUT`` set, a request with no token at all is let
+        through unauthenticated; it must send an ``authenticate`` frame in time.
+        """
         token = token_from_request(self.request.headers, lambda name: self.get_query_argument(name, None))
+        if token is None and self.eddy.settings.auth_timeout > 0:
+            return
         try:
             self.identity = self.eddy.authenticate(token)
         except AuthError as exc:
             self.set_header("WWW-Authenticate", 'Bearer realm="eddy"')
             return self._refuse(401, exc.code, exc.message)
+        try:
+            self.path_channel = await self._authorize_path_channel()
+        except ChannelRefused as exc:
+            return self._refuse(400 if exc.code == frames.INVALID_CHANNEL else 403, exc.code, exc.message)
+
+    async def _authorize_path_channel(self) -> ChannelKey | None:
         channel = self.path_args[0] if self.path_args else None
-        if channel is not None:
-            try:
-                self.path_channel = self.eddy.check_join(self.identity, channel)
-            except ChannelRefused as exc:
-                return self._refuse(400 if exc.code == frames.INVALID_CHANNEL else 403, exc.code, exc.message)
+        if channel is None:
+            return None
+        assert self.identity is not None
+        return await self.eddy.authorize_join(self.identity, channel)
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         self.set_status(status)
@@ -83,33 +105,90 @@ class EventSocket(tornado.websocket.WebSocketHandler):
     # Connection ------------------------------------------------------------
 
     def open(self, *args: str) -> None:
-        assert self.identity is not None
         # The hub writes straight into this buffer; past the bound the socket
         # is a slow consumer and is closed instead of growing without limit.
         self.ws_connection.stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
         self.eddy.hub.connect(self)
+        if self.identity is not None:
+            self._start_session(ref=None)
+        else:
+            self._set_timer("auth", self.eddy.settings.auth_timeout, self._authentication_timed_out)
+
+    def _start_session(self, ref: Any) -> None:
+        """Join the automatic rooms and the path channel, then say ``connected``."""
+        identity = self.identity
+        assert identity is not None
+        for evicted in self.eddy.add_connection(identity, self):
+            evicted.close(frames.CLOSE_TOO_MANY_CONNECTIONS, "too many connections for this user")
+        for room in automatic_rooms(identity):
+            key = (identity.tenant, room)
+            self.automatic.add(key)
+            self._subscribe(key)
         if self.path_channel is not None:
             self._subscribe(self.path_channel)
-        self.send(
-            {
-                "type": "connected",
-                "connection_id": self.connection_id,
-                "user_id": self.identity.user_id,
-                "tenant": self.identity.tenant,
-                "channels": sorted(channel for _, channel in self.channels),
-                "timestamp": frames.iso_timestamp(time.time()),
-            }
-        )
-        log.debug("connection %s open for user %s", self.connection_id, self.identity.user_id)
+        self._watch_expiry()
+        connected: dict[str, Any] = {
+            "type": "connected",
+            "connection_id": self.connection_id,
+            "user_id": identity.user_id,
+            "tenant": identity.tenant,
+            "channels": sorted(channel for _, channel in self.channels),
+            "timestamp": frames.iso_timestamp(time.time()),
+        }
+        if ref is not None:
+            connected["ref"] = ref
+        self.send(connected)
+        log.debug("connection %s open for user %s", self.connection_id, identity.user_id)
 
     def on_close(self) -> None:
         self._leave_hub()
+        for handle in self._timers.values():
+            tornado.ioloop.IOLoop.current().remove_timeout(handle)
+        self._timers.clear()
+        if self.identity is not None:
+            self.eddy.remove_connection(self.identity, self)
         log.debug("connection %s closed (%s)", self.connection_id, self.close_code)
 
     def _leave_hub(self) -> None:
         """Stop all deliveries to this socket (idempotent)."""
         self.eddy.hub.disconnect(self, self.channels)
         self.channels = set()
+
+    # Timers ------------------------------------------------------------------
+
+    def _set_timer(self, name: str, delay: float, callback) -> None:
+        self._cancel_timer(name)
+        loop = tornado.ioloop.IOLoop.current()
+        self._timers[name] = loop.call_later(max(0.0, delay), callback)
+
+    def _cancel_timer(self, name: str) -> None:
+        handle = self._timers.pop(name, None)
+        if handle is not None:
+            tornado.ioloop.IOLoop.current().remove_timeout(handle)
+
+    def _authentication_timed_out(self) -> None:
+        self._timers.pop("auth", None)
+        if self.identity is None:
+            self.close(frames.CLOSE_AUTH_TIMEOUT, "authentication timeout")
+
+    def _watch_expiry(self) -> None:
+        """Warn with TOKEN_EXPIRED when the token expires; close after the grace period."""
+        self._cancel_timer("grace")
+        assert self.identity is not None
+        if self.identity.expires_at is None:
+            self._cancel_timer("expiry")
+            return
+        self._set_timer("expiry", self.identity.expires_at - time.time(), self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._timers.pop("expiry", None)
+        grace = self.eddy.settings.token_grace
+        self.send(frames.error_frame(frames.TOKEN_EXPIRED, f"the token has expired; send authenticate within {grace:g}s"))
+        self._set_timer("grace", grace, self._grace_over)
+
+    def _grace_over(self) -> None:
+        self._timers.pop("grace", None)
+        self.close(frames.CLOSE_TOKEN_EXPIRED, "token expired")
 
     def deliver(self, message: frames.PreparedMessage) -> None:
         """Queue a prepared frame on the socket, bypassing per-call encoding and framing."""
@@ -175,17 +254,28 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             raise FrameError(frames.INVALID_FRAME, "a frame needs a string type")
         if kind not in self.FRAME_HANDLERS:
             raise FrameError(frames.UNKNOWN_TYPE, f"unknown frame type {kind[:50]!r}")
+        if self.identity is None and kind not in self.BEFORE_AUTHENTICATION:
+            raise FrameError(frames.UNAUTHENTICATED, "send an authenticate frame first")
         return getattr(self, self.FRAME_HANDLERS[kind])
 
-    def on_join(self, frame: dict[str, Any], ref: Any) -> None:
-        key = self._channel_key(frame)
-        if key not in self.channels and len(self.channels) >= self.eddy.settings.max_channels_per_connection:
+    async def on_join(self, frame: dict[str, Any], ref: Any) -> None:
+        assert self.identity is not None
+        try:
+            key = await self.eddy.authorize_join(self.identity, frame.get("channel"))
+        except ChannelRefused as exc:
+            raise FrameError(exc.code, exc.message) from None
+        joined = len(self.channels - self.automatic)
+        if key not in self.channels and joined >= self.eddy.settings.max_channels_per_connection:
             raise FrameError(frames.TOO_MANY_CHANNELS, "this connection has joined as many channels as it may")
         self._subscribe(key)
         self.send({"type": "ack", "ref": ref, "channel": key[1]})
 
     def on_leave(self, frame: dict[str, Any], ref: Any) -> None:
-        key = self._channel_key(frame)
+        assert self.identity is not None
+        try:
+            key = self.eddy.channel_key(self.identity, frame.get("channel"))
+        except ChannelRefused as exc:
+            raise FrameError(exc.code, exc.message) from None
         if key not in self.channels:
             raise FrameError(frames.NOT_SUBSCRIBED, f"not subscribed to {key[1]}")
         self.channels.discard(key)
@@ -199,12 +289,28 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             pong["ref"] = ref
         self.send(pong)
 
-    def _channel_key(self, frame: dict[str, Any]) -> ChannelKey:
-        assert self.identity is not None
+    async def on_authenticate(self, frame: dict[str, Any], ref: Any) -> None:
+        """First authentication of a deferred socket, or a token refresh."""
+        token = frame.get("token")
         try:
-            return self.eddy.check_join(self.identity, frame.get("channel"))
-        except ChannelRefused as exc:
+            identity = self.eddy.authenticate(token if isinstance(token, str) else None)
+        except AuthError as exc:
             raise FrameError(exc.code, exc.message) from None
+        if self.identity is None:
+            self.identity = identity
+            self._cancel_timer("auth")
+            try:
+                self.path_channel = await self._authorize_path_channel()
+            except ChannelRefused as exc:
+                self.send(frames.error_frame(exc.code, exc.message, ref))
+            self._start_session(ref)
+            return
+        if (identity.user_id, identity.tenant) != (self.identity.user_id, self.identity.tenant):
+            raise FrameError(frames.FORBIDDEN, "a refreshed token must be for the same user and tenant")
+        self.identity = identity
+        self._watch_expiry()
+        expires = frames.iso_timestamp(identity.expires_at) if identity.expires_at is not None else None
+        self.send({"type": "ack", "ref": ref, "expires_at": expires})
 
     def _subscribe(self, key: ChannelKey) -> None:
         self.channels.add(key)

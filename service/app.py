@@ -16,21 +16,15 @@ import tornado.web
 from storage import Event, EventDraft, History, Storage, StorageError, open_storage
 
 from . import frames
+from .authorizer import ChannelRefused
 from .auth import Identity, TokenVerifier, resolve_secret
-from .config import Settings
+from .authorizer import JoinAuthorizer
+from .config import Settings, read_config_file
+from .rules import ChannelRule, Rules, builtin_decision
 from .hub import ChannelKey, Hub
 from .watcher import Watcher
 
 log = logging.getLogger("eddy")
-
-
-class ChannelRefused(Exception):
-    """A channel the identity may not use. ``code`` is a documented error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class Eddy:
@@ -41,11 +35,17 @@ class Eddy:
         self.storage = storage or open_storage(
             settings.storage, history_size=settings.history_size, history_ttl=settings.history_ttl
         )
-        secret, self.dev_secret_file = resolve_secret(
-            settings.jwt_secret, settings.secret_file, settings.storage, create=True
+        uses_secret = any(a.strip().upper().startswith("HS") for a in settings.jwt_algorithms.split(","))
+        secret, self.dev_secret_file = (
+            resolve_secret(settings.jwt_secret, settings.secret_file, settings.storage, create=True)
+            if uses_secret else (None, None)
         )
-        self.verifier = TokenVerifier(secret, default_tenant=settings.default_tenant)
+        self.verifier = TokenVerifier.from_settings(settings, secret)
+        self.rules = Rules.from_config(read_config_file(settings.config)[1]) if settings.config else Rules([])
+        self.authorizer = JoinAuthorizer(settings.authorizer_timeout, settings.authorizer_cache_ttl)
         self.hub = Hub()
+        #: (tenant, user) -> that user's open connections in this process, oldest first.
+        self._user_connections: dict[tuple[str, str], dict[Any, None]] = {}
         self.watcher = Watcher(self.storage, self.hub)
         self.started_at = time.time()
         self._keepalive: asyncio.Task[None] | None = None
@@ -84,31 +84,72 @@ class Eddy:
         """The identity behind ``token``; raises :class:`service.auth.AuthError`."""
         return self.verifier.verify(token)
 
-    def check_join(self, identity: Identity, channel: object) -> ChannelKey:
-        """The key of ``channel`` in the identity's tenant if it may subscribe to it."""
+    def channel_key(self, identity: Identity, channel: object) -> ChannelKey:
+        """``channel``'s key in the identity's tenant; ``INVALID_CHANNEL`` if the name is bad."""
         if not frames.is_valid_channel(channel):
             raise ChannelRefused(frames.INVALID_CHANNEL, frames.CHANNEL_RULE_TEXT)
         assert isinstance(channel, str)
-        if channel.startswith("user:") and channel != f"user:{identity.user_id}":
-            raise ChannelRefused(frames.FORBIDDEN, "a user: room belongs to that user only")
         return (identity.tenant, channel)
 
-    def check_publish(self, identity: Identity, channel: object) -> ChannelKey:
-        """The key of ``channel`` if the identity may publish to it over HTTP."""
-        if not frames.is_valid_channel(channel):
-            raise ChannelRefused(frames.INVALID_CHANNEL, frames.CHANNEL_RULE_TEXT)
-        assert isinstance(channel, str)
-        return (identity.tenant, channel)
+    async def authorize_join(self, identity: Identity, channel: object) -> ChannelKey:
+        """The key of ``channel`` if ``identity`` may subscribe to it, else :class:`ChannelRefused`."""
+        key = self.channel_key(identity, channel)
+        name = key[1]
+        builtin = builtin_decision(identity, name)
+        if builtin is not None:
+            if not builtin:
+                raise ChannelRefused(frames.FORBIDDEN, "user: and role: rooms belong to that user or role")
+            return key
+        if not self.rules.configured:
+            return key
+        rule = self._rule_for(name)
+        if not rule.may_join(identity, name):
+            raise ChannelRefused(frames.FORBIDDEN, f"joining {name} is not allowed for this user")
+        if rule.authorizer:
+            await self.authorizer.check(rule.authorizer, identity, name)
+        return key
+
+    def authorize_publish(self, identity: Identity, channel: object) -> ChannelKey:
+        """The key of ``channel`` if the identity may publish to it over HTTP (server-side targeting)."""
+        key = self.channel_key(identity, channel)
+        if self.rules.configured and builtin_decision(identity, key[1]) is None:
+            self._rule_for(key[1])
+        return key
+
+    def _rule_for(self, channel: str) -> ChannelRule:
+        rule = self.rules.rule_for(channel)
+        if rule is None:
+            raise ChannelRefused(frames.FORBIDDEN, f"no channel rule allows {channel}")
+        if not rule.valid_id(channel):
+            raise ChannelRefused(frames.INVALID_CHANNEL, f"{channel} does not match the id pattern {rule.id_pattern}")
+        return rule
+
+    # Connections per user -----------------------------------------------------
+
+    def add_connection(self, identity: Identity, connection: Any) -> list[Any]:
+        """Count a user's connection; returns the oldest ones now over the per-user limit."""
+        owned = self._user_connections.setdefault((identity.tenant, identity.user_id), {})
+        owned[connection] = None
+        excess = len(owned) - self.settings.max_connections_per_user
+        return list(owned)[:excess] if excess > 0 else []
+
+    def remove_connection(self, identity: Identity, connection: Any) -> None:
+        key = (identity.tenant, identity.user_id)
+        owned = self._user_connections.get(key)
+        if owned is not None:
+            owned.pop(connection, None)
+            if not owned:
+                del self._user_connections[key]
 
     async def publish(
         self, identity: Identity, channel: str, event: str, data: Any, *, idempotency_key: str | None = None
     ) -> Event:
-        tenant, channel = self.check_publish(identity, channel)
+        tenant, channel = self.authorize_publish(identity, channel)
         draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=idempotency_key)
         return await self.storage.append(draft)
 
     async def history(self, identity: Identity, channel: str, *, after: int, limit: int) -> History:
-        tenant, channel = self.check_join(identity, channel)
+        tenant, channel = await self.authorize_join(identity, channel)
         return await self.storage.history(tenant, channel, after=after, limit=limit)
 
     async def readiness(self) -> dict[str, str]:

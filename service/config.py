@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -35,6 +36,9 @@ class Settings:
     history_size: int = setting(1000, "Events kept per channel for history and resume.")
     history_ttl: float = setting(86400.0, "Seconds an event is kept for history and resume.")
 
+    # Configuration file
+    config: str = setting("", "TOML file with any of these settings and [[channels]] rules.", flag=True)
+
     # Authentication
     jwt_secret: str = setting(
         "",
@@ -46,6 +50,20 @@ class Settings:
         "Where the development secret is kept. Empty: eddy.secret beside the SQLite file (or the working directory).",
     )
     default_tenant: str = setting("default", "Tenant of tokens that carry no tenant claim.")
+    jwt_algorithms: str = setting("HS256", "Comma-separated accepted algorithms: HS256, RS256, ES256 (never none).")
+    jwt_public_key_file: str = setting("", "PEM public key for RS256/ES256 tokens.")
+    jwks_file: str = setting("", "JWKS (JSON) file of public keys for RS256/ES256 tokens, chosen by kid.")
+    jwt_issuer: str = setting("", "Required iss claim, when set.")
+    jwt_audience: str = setting("", "Required aud claim, when set.")
+    user_claim: str = setting("sub", "Claim holding the user id.")
+    tenant_claim: str = setting("tenant", "Claim holding the tenant (e.g. tenant_id, empresaId).")
+    roles_claim: str = setting("roles", "Claim holding the list of roles.")
+    auth_timeout: float = setting(
+        0.0, "Seconds a socket may stay unauthenticated waiting for an authenticate frame (0 = token required at the handshake)."
+    )
+    token_grace: float = setting(30.0, "Seconds after TOKEN_EXPIRED to send a fresh token before the socket is closed (4003).")
+    authorizer_timeout: float = setting(2.0, "Seconds to wait for a join authorizer's answer.")
+    authorizer_cache_ttl: float = setting(30.0, "Seconds a join authorizer's answer is reused.")
 
     # Connections
     keepalive_interval: float = setting(30.0, "Seconds between keepalive frames to every socket (0 = off).")
@@ -56,6 +74,9 @@ class Settings:
     )
     max_frame_bytes: int = setting(64 * 1024, "Largest client frame accepted; larger closes with 1009.")
     max_channels_per_connection: int = setting(100, "Channels one socket may join.")
+    max_connections_per_user: int = setting(
+        10, "Sockets one user may hold per process; the oldest is closed (4029) when another arrives."
+    )
     max_body_bytes: int = setting(1 << 20, "Largest HTTP request body accepted (413 above).")
     allowed_origins: str = setting(
         "", "Comma-separated browser origins allowed to open sockets besides the same origin; * allows any."
@@ -66,14 +87,19 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Defaults, then ``EDDY_*`` variables, then ``overrides`` (``None`` values ignored)."""
+        """Defaults, then the ``--config`` file, then ``EDDY_*`` variables, then ``overrides`` (None ignored)."""
         environ = os.environ if environ is None else environ
+        overrides = {k: v for k, v in overrides.items() if v is not None}
         values: dict[str, Any] = {}
+        config = overrides.get("config") or environ.get(env_name("config"))
+        if config:
+            values.update(read_config_file(config)[0])
+            values["config"] = config
         for f in fields(cls):
             raw = environ.get(env_name(f.name))
             if raw is not None and raw != "":
                 values[f.name] = _coerce(f.name, f.type, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update(overrides)
         return cls(**values)
 
     @property
@@ -90,6 +116,28 @@ class Settings:
             value = getattr(self, f.name)
             out[f.name] = "***" if f.metadata.get("secret") and value else value
         return out
+
+
+def read_config_file(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(settings, channel rule tables) from a TOML file; ``ValueError`` names what is wrong."""
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read config file {path}: {exc}") from None
+    rules = document.pop("channels", [])
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ValueError(f"{path}: channels must be an array of tables ([[channels]])")
+    known = {f.name: f for f in fields(Settings)}
+    settings: dict[str, Any] = {}
+    for name, value in document.items():
+        if name not in known:
+            raise ValueError(f"{path}: unknown setting {name!r}")
+        expected = {"int": int, "float": (int, float), "str": str}[str(known[name].type)]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise ValueError(f"{path}: {name} must be a {known[name].type}")
+        settings[name] = float(value) if str(known[name].type) == "float" else value
+    return settings, rules
 
 
 def env_name(name: str) -> str:

@@ -35,7 +35,7 @@ async def test_ticket_stream_walkthrough(http_server, http_port, how):
     assert connected["type"] == "connected"
     assert connected["user_id"] == "kiosk-1"
     assert connected["tenant"] == "parking"
-    assert connected["channels"] == ["tickets"]
+    assert connected["channels"] == ["tenant", "tickets", "user:kiosk-1"]
     assert len(connected["connection_id"]) >= 16
     parse_iso(connected["timestamp"])
 
@@ -62,7 +62,7 @@ async def test_ticket_stream_walkthrough(http_server, http_port, how):
 @pytest.mark.gen_test
 async def test_join_leave_and_ping(http_server, http_port):
     client = await Client.connect(http_port, "/ws", make_token())
-    assert (await client.recv())["channels"] == []
+    assert (await client.recv())["channels"] == ["tenant", "user:alice"]
     assert await client.request({"type": "join", "channel": "orders", "ref": 7}) == {
         "type": "ack", "ref": 7, "channel": "orders"}
     # Joining twice is harmless and still acked.

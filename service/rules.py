@@ -1,0 +1,153 @@
+"""Channel rules: who may join a channel, who may publish to it from a socket, whether it keeps history.
+
+Rules come from the ``[[channels]]`` tables of the ``--config`` TOML file
+(see ``docs/eddy.example.toml``). The first rule whose pattern matches a channel
+decides. Who-lists use three words, any of which grants:
+
+* ``"tenant"`` — any authenticated user of the tenant
+* ``"self"`` — only the user the channel is named after (``user:<id>``)
+* ``"role:<name>"`` — users holding that role
+
+Built-in rooms are governed by the identity whatever the rules say:
+``user:<id>`` only by that user, ``role:<name>`` only by holders of that role,
+``tenant`` by everyone of the tenant.
+
+With no rules at all, any authenticated user may join any other channel of its
+tenant and nobody may publish from a socket. Once rules are given, a channel
+that matches none is refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .auth import Identity
+
+UUID_PATTERN = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+NAMED_ID_PATTERNS = {"uuid": UUID_PATTERN, "int": r"[0-9]+"}
+WHO_WORDS = ("tenant", "self")
+
+
+class RuleError(ValueError):
+    """The rules file is not valid; the message names the rule and field."""
+
+
+@dataclass(frozen=True)
+class ChannelRule:
+    pattern: str
+    join: tuple[str, ...] = ("tenant",)
+    publish: tuple[str, ...] = ()
+    history: bool = True
+    #: A regular expression (or "uuid", "int") the part matched by ``*`` must match.
+    id_pattern: str | None = None
+    #: URL the application answers 200 to allow a join (Centrifugo's subscribe proxy).
+    authorizer: str | None = None
+    _id_regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    def matches(self, channel: str) -> bool:
+        return fnmatch.fnmatchcase(channel, self.pattern)
+
+    def valid_id(self, channel: str) -> bool:
+        if self._id_regex is None:
+            return True
+        prefix = self.pattern.split("*", 1)[0]
+        return self._id_regex.fullmatch(channel[len(prefix):]) is not None
+
+    def may_join(self, identity: Identity, channel: str) -> bool:
+        return grants(self.join, identity, channel)
+
+    def may_publish(self, identity: Identity, channel: str) -> bool:
+        return grants(self.publish, identity, channel)
+
+
+def grants(who: tuple[str, ...], identity: Identity, channel: str) -> bool:
+    for word in who:
+        if word == "tenant":
+            return True
+        if word == "self" and channel == f"user:{identity.user_id}":
+            return True
+        if word.startswith("role:") and word[5:] in identity.roles:
+            return True
+    return False
+
+
+def builtin_decision(identity: Identity, channel: str) -> bool | None:
+    """True/False for built-in rooms, None for every other channel."""
+    if channel.startswith("user:"):
+        return channel == f"user:{identity.user_id}"
+    if channel.startswith("role:"):
+        return channel[5:] in identity.roles
+    if channel == "tenant":
+        return True
+    return None
+
+
+def automatic_rooms(identity: Identity) -> list[str]:
+    """The rooms every connection of ``identity`` joins on connect."""
+    return [f"user:{identity.user_id}", "tenant", *(f"role:{role}" for role in identity.roles)]
+
+
+class Rules:
+    """The ordered rules of one configuration; ``Rules([])`` is the permissive default."""
+
+    def __init__(self, rules: list[ChannelRule]) -> None:
+        self.rules = rules
+
+    @classmethod
+    def from_config(cls, tables: list[dict[str, Any]]) -> Rules:
+        return cls([parse_rule(index, table) for index, table in enumerate(tables)])
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.rules)
+
+    def rule_for(self, channel: str) -> ChannelRule | None:
+        for rule in self.rules:
+            if rule.matches(channel):
+                return rule
+        return None
+
+
+def parse_rule(index: int, table: dict[str, Any]) -> ChannelRule:
+    where = f"channels[{index}]"
+    known = {"pattern", "join", "publish", "history", "id_pattern", "authorizer"}
+    unknown = set(table) - known
+    if unknown:
+        raise RuleError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    pattern = table.get("pattern")
+    if not isinstance(pattern, str) or not pattern:
+        raise RuleError(f"{where}: pattern must be a non-empty string")
+    values: dict[str, Any] = {"pattern": pattern}
+    for name in ("join", "publish"):
+        if name in table:
+            who = table[name]
+            if isinstance(who, str):
+                who = [who]
+            if not isinstance(who, list) or not all(_valid_who(w) for w in who):
+                raise RuleError(f"{where}.{name}: a list of \"tenant\", \"self\" or \"role:<name>\"")
+            values[name] = tuple(who)
+    if "history" in table:
+        if not isinstance(table["history"], bool):
+            raise RuleError(f"{where}.history: true or false")
+        values["history"] = table["history"]
+    if "authorizer" in table:
+        if not isinstance(table["authorizer"], str) or not table["authorizer"].startswith(("http://", "https://")):
+            raise RuleError(f"{where}.authorizer: an http(s) URL")
+        values["authorizer"] = table["authorizer"]
+    if "id_pattern" in table:
+        raw = table["id_pattern"]
+        if not isinstance(raw, str) or "*" not in pattern:
+            raise RuleError(f"{where}.id_pattern: a string, on a pattern with *")
+        try:
+            values["_id_regex"] = re.compile(NAMED_ID_PATTERNS.get(raw, raw))
+        except re.error as exc:
+            raise RuleError(f"{where}.id_pattern: {exc}") from None
+        values["id_pattern"] = raw
+    return ChannelRule(**values)
+
+
+def _valid_who(word: object) -> bool:
+    return isinstance(word, str) and (word in WHO_WORDS or (word.startswith("role:") and len(word) > 5))
