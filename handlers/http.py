@@ -175,6 +175,8 @@ def service_errors() -> Iterator[None]:
     try:
         yield
     except ChannelRefused as exc:
+        if exc.code == frames.AUTHORIZER_UNAVAILABLE:
+            raise ApiError(503, exc.code, exc.message, {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         raise ApiError(400 if exc.code == frames.INVALID_CHANNEL else 403, exc.code, exc.message) from None
     except StorageUnavailable as exc:
         log.warning("storage unavailable: %s", exc)

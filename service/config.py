@@ -17,7 +17,7 @@ from typing import Any
 
 def setting(default: Any, help: str, *, flag: bool = False, secret: bool = False) -> Any:
     """Declare a setting. ``flag=True`` also exposes it as ``eddy serve --name``."""
-    return field(default=default, metadata={"help": help, "flag": flag, "secret": secret})
+    return field(default=default, repr=not secret, metadata={"help": help, "flag": flag, "secret": secret})
 
 
 @dataclass(frozen=True)
