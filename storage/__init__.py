@@ -17,12 +17,24 @@ from importlib import import_module
 from importlib.metadata import entry_points
 from urllib.parse import urlsplit
 
-from .base import Event, EventDraft, History, Storage, StorageError, StorageUnavailable, parse_event_id
+from .base import (
+    Event,
+    EventDraft,
+    History,
+    PresenceEntry,
+    ReadReceipt,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+    parse_event_id,
+)
 
 __all__ = [
     "Event",
     "EventDraft",
     "History",
+    "PresenceEntry",
+    "ReadReceipt",
     "Storage",
     "StorageError",
     "StorageUnavailable",

@@ -30,6 +30,8 @@ __all__ = [
     "Event",
     "EventDraft",
     "History",
+    "PresenceEntry",
+    "ReadReceipt",
     "Storage",
     "StorageError",
     "StorageUnavailable",
@@ -98,6 +100,31 @@ class History:
     #: True when ``after`` is older than what the store still keeps for this
     #: channel: some events that came after it have been trimmed and are gone.
     lost: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEntry:
+    """One connection of a user in one channel, alive until ``expires_at``.
+
+    Processes refresh their entries periodically; the entries of a process
+    that dies expire by themselves, so presence heals without it.
+    """
+
+    tenant: str
+    channel: str
+    user_id: str
+    connection_id: str
+    status: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReadReceipt:
+    """The newest message a user has read in a channel."""
+
+    user_id: str
+    message_id: str
+    read_at: float
 
 
 def parse_event_id(event_id: str | int) -> int:
@@ -172,6 +199,28 @@ class Storage(abc.ABC):
     async def ping(self) -> None:
         """Raise :class:`StorageUnavailable` unless the store answers now."""
         await self.last_position()
+
+    # Presence and read receipts: small mutable state beside the log ---------
+
+    @abc.abstractmethod
+    async def save_presence(self, entries: list[PresenceEntry]) -> None:
+        """Insert or replace entries, keyed by (tenant, channel, connection_id)."""
+
+    @abc.abstractmethod
+    async def remove_presence(self, connection_id: str, channels: list[tuple[str, str]]) -> None:
+        """Forget a connection's entries in the given (tenant, channel) pairs."""
+
+    @abc.abstractmethod
+    async def presence(self, tenant: str, channel: str) -> list[PresenceEntry]:
+        """Entries of a channel that have not expired, in no particular order."""
+
+    @abc.abstractmethod
+    async def save_read(self, tenant: str, channel: str, receipt: ReadReceipt) -> None:
+        """Remember ``receipt`` as the user's newest read in the channel (replacing an older one)."""
+
+    @abc.abstractmethod
+    async def reads(self, tenant: str, channel: str) -> list[ReadReceipt]:
+        """Each user's newest read receipt in the channel."""
 
     @staticmethod
     def now() -> float:

@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 
-from .base import Event, EventDraft, History, Storage, StorageUnavailable
+from .base import Event, EventDraft, History, PresenceEntry, ReadReceipt, Storage, StorageUnavailable
 
 #: How many events the change feed keeps for watchers that fall behind.
 FEED_SIZE = 100_000
@@ -26,6 +26,8 @@ class MemoryStorage(Storage):
         self._channels: dict[tuple[str, str], deque[Event]] = {}
         self._trimmed_through: dict[tuple[str, str], int] = {}
         self._keys: dict[tuple[str, str], Event] = {}
+        self._presence: dict[tuple[str, str], dict[str, PresenceEntry]] = {}
+        self._reads: dict[tuple[str, str], dict[str, ReadReceipt]] = {}
         self._changed = asyncio.Condition()
         self._open = False
 
@@ -104,6 +106,33 @@ class MemoryStorage(Storage):
                 if self._position <= after and self._open:
                     await self._changed.wait()
         raise StorageUnavailable("memory storage was closed while watching")
+
+    async def save_presence(self, entries: list[PresenceEntry]) -> None:
+        self._check_open()
+        for entry in entries:
+            self._presence.setdefault((entry.tenant, entry.channel), {})[entry.connection_id] = entry
+
+    async def remove_presence(self, connection_id: str, channels: list[tuple[str, str]]) -> None:
+        self._check_open()
+        for key in channels:
+            entries = self._presence.get(key)
+            if entries is not None:
+                entries.pop(connection_id, None)
+                if not entries:
+                    del self._presence[key]
+
+    async def presence(self, tenant: str, channel: str) -> list[PresenceEntry]:
+        self._check_open()
+        now = self.now()
+        return [e for e in self._presence.get((tenant, channel), {}).values() if e.expires_at > now]
+
+    async def save_read(self, tenant: str, channel: str, receipt: ReadReceipt) -> None:
+        self._check_open()
+        self._reads.setdefault((tenant, channel), {})[receipt.user_id] = receipt
+
+    async def reads(self, tenant: str, channel: str) -> list[ReadReceipt]:
+        self._check_open()
+        return list(self._reads.get((tenant, channel), {}).values())
 
     def _feed_after(self, after: int) -> list[Event]:
         # Positions in the feed are consecutive, so the start is arithmetic and

@@ -24,7 +24,17 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
-from .base import EPHEMERAL_TTL, Event, EventDraft, History, Storage, StorageError, StorageUnavailable
+from .base import (
+    EPHEMERAL_TTL,
+    Event,
+    EventDraft,
+    History,
+    PresenceEntry,
+    ReadReceipt,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+)
 
 T = TypeVar("T")
 
@@ -42,6 +52,23 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_channel ON events (tenant, channel, position) WHERE ephemeral = 0;
 CREATE UNIQUE INDEX IF NOT EXISTS events_by_key ON events (tenant, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS presence (
+    tenant TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    connection_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (tenant, channel, connection_id)
+);
+CREATE TABLE IF NOT EXISTS reads (
+    tenant TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    read_at REAL NOT NULL,
+    PRIMARY KEY (tenant, channel, user_id)
+);
 CREATE TABLE IF NOT EXISTS trimmed (
     tenant TEXT NOT NULL,
     channel TEXT NOT NULL,
@@ -298,6 +325,73 @@ class SQLiteStorage(Storage):
         for tenant, channel, through in expired:
             self._delete_through(connection, tenant, channel, through)
         connection.execute("DELETE FROM events WHERE ephemeral = 1 AND timestamp < ?", (now - EPHEMERAL_TTL,))
+        connection.execute("DELETE FROM presence WHERE expires_at < ?", (now,))
+
+    # Presence and read receipts ------------------------------------------------
+
+    async def save_presence(self, entries: list[PresenceEntry]) -> None:
+        rows = [(e.tenant, e.channel, e.connection_id, e.user_id, e.status, e.expires_at) for e in entries]
+        await self._write(
+            "INSERT OR REPLACE INTO presence (tenant, channel, connection_id, user_id, status, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)", rows,
+        )
+
+    async def remove_presence(self, connection_id: str, channels: list[tuple[str, str]]) -> None:
+        await self._write(
+            "DELETE FROM presence WHERE tenant = ? AND channel = ? AND connection_id = ?",
+            [(tenant, channel, connection_id) for tenant, channel in channels],
+        )
+
+    async def presence(self, tenant: str, channel: str) -> list[PresenceEntry]:
+        self._check_open()
+        rows = await self._read(
+            self._query,
+            "SELECT tenant, channel, user_id, connection_id, status, expires_at FROM presence"
+            " WHERE tenant = ? AND channel = ? AND expires_at > ?",
+            (tenant, channel, self.now()),
+        )
+        return [PresenceEntry(*row) for row in rows]
+
+    async def save_read(self, tenant: str, channel: str, receipt: ReadReceipt) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO reads (tenant, channel, user_id, message_id, read_at) VALUES (?, ?, ?, ?, ?)",
+            [(tenant, channel, receipt.user_id, receipt.message_id, receipt.read_at)],
+        )
+
+    async def reads(self, tenant: str, channel: str) -> list[ReadReceipt]:
+        self._check_open()
+        rows = await self._read(
+            self._query,
+            "SELECT user_id, message_id, read_at FROM reads WHERE tenant = ? AND channel = ? ORDER BY read_at",
+            (tenant, channel),
+        )
+        return [ReadReceipt(*row) for row in rows]
+
+    async def _write(self, statement: str, rows: list[tuple]) -> None:
+        """Run one statement for many rows in a transaction on the writer thread."""
+        self._check_open()
+        if not rows:
+            return
+
+        def run() -> None:
+            connection = self._writer
+            assert connection is not None
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.executemany(statement, rows)
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+
+        try:
+            await self._on(self._writer_pool, run)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"sqlite write failed: {exc}") from exc
+
+    def _query(self, statement: str, parameters: tuple) -> list[tuple]:
+        assert self._reader is not None
+        return self._reader.execute(statement, parameters).fetchall()
 
     # Reading -----------------------------------------------------------------
 

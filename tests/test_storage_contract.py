@@ -216,3 +216,40 @@ async def test_reopen_keeps_durable_events(make_storage, request):
     assert [e.position for e in page.events] == [stored[0].position]
     after = await store.append(draft(9))
     assert after.position > stored[-1].position
+
+
+@pytest.mark.gen_test
+async def test_presence_entries_expire_and_are_scoped(make_storage):
+    from storage import PresenceEntry
+
+    store = await make_storage()
+    now = time.time()
+    await store.save_presence([
+        PresenceEntry("acme", "room", "ana", "c1", "online", now + 60),
+        PresenceEntry("acme", "room", "ana", "c2", "away", now + 60),
+        PresenceEntry("acme", "room", "bia", "c3", "online", now + 0.2),
+        PresenceEntry("globex", "room", "zed", "c4", "online", now + 60),
+    ])
+    entries = await store.presence("acme", "room")
+    assert sorted((e.user_id, e.connection_id, e.status) for e in entries) == [
+        ("ana", "c1", "online"), ("ana", "c2", "away"), ("bia", "c3", "online")]
+    await store.save_presence([PresenceEntry("acme", "room", "ana", "c2", "busy", now + 60)])  # replace
+    await store.remove_presence("c1", [("acme", "room")])
+    await asyncio.sleep(0.3)
+    entries = await store.presence("acme", "room")
+    assert [(e.connection_id, e.status) for e in entries] == [("c2", "busy")]  # bia expired
+    assert [e.user_id for e in await store.presence("globex", "room")] == ["zed"]
+
+
+@pytest.mark.gen_test
+async def test_read_receipts_keep_the_newest_per_user(make_storage):
+    from storage import ReadReceipt
+
+    store = await make_storage()
+    await store.save_read("acme", "conv", ReadReceipt("ana", "10", 1.0))
+    await store.save_read("acme", "conv", ReadReceipt("bia", "11", 2.0))
+    await store.save_read("acme", "conv", ReadReceipt("ana", "12", 3.0))
+    await store.save_read("globex", "conv", ReadReceipt("zed", "1", 1.0))
+    reads = sorted(await store.reads("acme", "conv"), key=lambda r: r.user_id)
+    assert [(r.user_id, r.message_id, r.read_at) for r in reads] == [("ana", "12", 3.0), ("bia", "11", 2.0)]
+    assert [r.user_id for r in await store.reads("globex", "conv")] == ["zed"]
