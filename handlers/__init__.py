@@ -9,7 +9,7 @@ if TYPE_CHECKING:
 
 
 def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
-    from .http import EventsHandler, HealthHandler, HistoryHandler, ReadyHandler
+    from .http import EventsHandler, HealthHandler, HistoryHandler, PresenceHandler, ReadsHandler, ReadyHandler
     from .websocket import EventSocket
 
     args = {"eddy": eddy}
@@ -18,6 +18,8 @@ def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/ws/([^/]+)/stream", EventSocket, args),
         (r"/api/events", EventsHandler, args),
         (r"/api/channels/([^/]+)/events", HistoryHandler, args),
+        (r"/api/channels/([^/]+)/reads", ReadsHandler, args),
+        (r"/api/channels/([^/]+)/presence", PresenceHandler, args),
         (r"/healthz", HealthHandler, args),
         (r"/readyz", ReadyHandler, args),
     ]

@@ -157,6 +157,28 @@ class HistoryHandler(ApiHandler):
             raise ApiError(400, "INVALID_PARAMETER", f"{name} must be a non-negative integer") from None
 
 
+class ReadsHandler(ApiHandler):
+    """``GET /api/channels/<channel>/reads``: each user's newest read receipt, for late joiners."""
+
+    async def get(self, channel: str) -> None:
+        identity = self.authenticate()
+        with service_errors():
+            reads = await self.eddy.reads(identity, channel)
+        self.write_json({"channel": channel, "reads": [
+            {"user_id": r.user_id, "message_id": r.message_id, "read_at": frames.iso_timestamp(r.read_at)}
+            for r in reads]})
+
+
+class PresenceHandler(ApiHandler):
+    """``GET /api/channels/<channel>/presence``: who is online there, across every process."""
+
+    async def get(self, channel: str) -> None:
+        identity = self.authenticate()
+        with service_errors():
+            users = await self.eddy.presence_users(identity, channel)
+        self.write_json({"channel": channel, "users": users})
+
+
 class HealthHandler(ApiHandler):
     def get(self) -> None:
         self.write_json({"status": "ok"})

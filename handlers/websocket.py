@@ -8,6 +8,7 @@ and its other subscriptions carry on.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -26,25 +27,24 @@ from service.auth import AuthError, Identity, token_from_request
 from service.hub import ChannelKey
 from service.rules import automatic_rooms
 
+from .conversation import ConversationFrames, FrameError, position_field
+
 log = logging.getLogger("eddy.ws")
 
 
-class FrameError(Exception):
-    """A client frame was refused; becomes an ``error`` frame with ``code``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class EventSocket(tornado.websocket.WebSocketHandler):
+class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
     #: Client frame types and the method that handles each.
     FRAME_HANDLERS = {
         "join": "on_join",
         "leave": "on_leave",
         "ping": "on_ping",
         "authenticate": "on_authenticate",
+        "publish": "on_publish",
+        "typing": "on_typing",
+        "read": "on_read",
+        "presence": "on_presence",
+        "presence_query": "on_presence_query",
+        "sync": "on_sync",
     }
     #: Frames a socket may send before it has authenticated.
     BEFORE_AUTHENTICATION = frozenset({"authenticate", "ping"})
@@ -57,6 +57,8 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         self.automatic: set[ChannelKey] = set()
         self.connection_id = uuid.uuid4().hex
         self._timers: dict[str, object] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.init_conversation()
 
     # Handshake -------------------------------------------------------------
 
@@ -126,6 +128,7 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             self._subscribe(key)
         if self.path_channel is not None:
             self._subscribe(self.path_channel)
+            self.background(self.enter_presence(self.path_channel))
         self._watch_expiry()
         connected: dict[str, Any] = {
             "type": "connected",
@@ -147,7 +150,23 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         self._timers.clear()
         if self.identity is not None:
             self.eddy.remove_connection(self.identity, self)
+            for key in list(self._typing_since):
+                self.background(self.broadcast_typing(key, False))
+            self._typing_since.clear()
+            if self.present_in:
+                self.background(self.leave_presence(sorted(self.present_in)))
         log.debug("connection %s closed (%s)", self.connection_id, self.close_code)
+
+    def background(self, coroutine) -> None:
+        """Run work that outlives the current frame; failures are logged, never lost silently."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("connection %s: background work failed: %r", self.connection_id, task.exception())
 
     def _leave_hub(self) -> None:
         """Stop all deliveries to this socket (idempotent)."""
@@ -191,7 +210,20 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         self.close(frames.CLOSE_TOKEN_EXPIRED, "token expired")
 
     def deliver(self, message: frames.PreparedMessage) -> None:
-        """Queue a prepared frame on the socket, bypassing per-call encoding and framing."""
+        """Queue a prepared frame on the socket, bypassing per-call encoding and framing.
+
+        Skips typing indicators of this socket's own user, and holds back
+        events of a channel whose history is being replayed.
+        """
+        if message.exclude_user is not None and self.identity is not None \
+                and message.exclude_user == self.identity.user_id:
+            return
+        if self.replaying and message.key in self.replaying:
+            self.replaying[message.key].append(message)
+            return
+        self.deliver_now(message)
+
+    def deliver_now(self, message: frames.PreparedMessage) -> None:
         connection = self.ws_connection
         if connection is None or connection.is_closing():
             return
@@ -203,7 +235,16 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             pass
 
     def send(self, frame: dict[str, Any]) -> None:
-        self.deliver(frames.PreparedMessage(frames.encode(frame)))
+        self.deliver_now(frames.PreparedMessage(frames.encode(frame)))
+
+    async def flushed(self) -> None:
+        """Wait until everything queued so far has been handed to the kernel."""
+        connection = self.ws_connection
+        if connection is not None and not connection.is_closing():
+            try:
+                await connection.stream.write(b"")
+            except StreamClosedError:
+                pass
 
     def _close_slow_consumer(self) -> None:
         log.warning("connection %s closed: slow consumer", self.connection_id)
@@ -259,18 +300,20 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         return getattr(self, self.FRAME_HANDLERS[kind])
 
     async def on_join(self, frame: dict[str, Any], ref: Any) -> None:
-        assert self.identity is not None
-        try:
-            key = await self.eddy.authorize_join(self.identity, frame.get("channel"))
-        except ChannelRefused as exc:
-            raise FrameError(exc.code, exc.message) from None
+        """Subscribe; with ``since``, first replay every stored event after that id."""
+        since = position_field(frame, "since")
+        key = await self.authorized(frame)
         joined = len(self.channels - self.automatic)
         if key not in self.channels and joined >= self.eddy.settings.max_channels_per_connection:
             raise FrameError(frames.TOO_MANY_CHANNELS, "this connection has joined as many channels as it may")
-        self._subscribe(key)
-        self.send({"type": "ack", "ref": ref, "channel": key[1]})
+        if since is not None and key not in self.channels:
+            await self.join_with_replay(key, since, ref)
+        else:  # already joined: it receives everything live, a replay would repeat events
+            self._subscribe(key)
+            self.send({"type": "ack", "ref": ref, "channel": key[1]})
+        await self.enter_presence(key)
 
-    def on_leave(self, frame: dict[str, Any], ref: Any) -> None:
+    async def on_leave(self, frame: dict[str, Any], ref: Any) -> None:
         assert self.identity is not None
         try:
             key = self.eddy.channel_key(self.identity, frame.get("channel"))
@@ -278,9 +321,9 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             raise FrameError(exc.code, exc.message) from None
         if key not in self.channels:
             raise FrameError(frames.NOT_SUBSCRIBED, f"not subscribed to {key[1]}")
-        self.channels.discard(key)
-        self.eddy.hub.unsubscribe(key, self)
+        self._unsubscribe(key)
         self.send({"type": "ack", "ref": ref, "channel": key[1]})
+        await self.leave_presence([key])
 
     def on_ping(self, frame: dict[str, Any], ref: Any) -> None:
         timestamp = frame.get("timestamp")
@@ -315,3 +358,7 @@ class EventSocket(tornado.websocket.WebSocketHandler):
     def _subscribe(self, key: ChannelKey) -> None:
         self.channels.add(key)
         self.eddy.hub.subscribe(key, self)
+
+    def _unsubscribe(self, key: ChannelKey) -> None:
+        self.channels.discard(key)
+        self.eddy.hub.unsubscribe(key, self)

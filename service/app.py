@@ -13,7 +13,7 @@ from typing import Any
 
 import tornado.web
 
-from storage import Event, EventDraft, History, Storage, StorageError, open_storage
+from storage import Event, EventDraft, History, ReadReceipt, Storage, StorageError, open_storage
 
 from . import frames
 from .authorizer import ChannelRefused
@@ -22,6 +22,7 @@ from .authorizer import JoinAuthorizer
 from .config import Settings, read_config_file
 from .rules import ChannelRule, Rules, builtin_decision
 from .hub import ChannelKey, Hub
+from .presence import PresenceTracker
 from .watcher import Watcher
 
 log = logging.getLogger("eddy")
@@ -44,6 +45,7 @@ class Eddy:
         self.rules = Rules.from_config(read_config_file(settings.config)[1]) if settings.config else Rules([])
         self.authorizer = JoinAuthorizer(settings.authorizer_timeout, settings.authorizer_cache_ttl)
         self.hub = Hub()
+        self.presence = PresenceTracker(self.storage, ttl=settings.presence_ttl, refresh=settings.presence_ttl / 3)
         #: (tenant, user) -> that user's open connections in this process, oldest first.
         self._user_connections: dict[tuple[str, str], dict[Any, None]] = {}
         self.watcher = Watcher(self.storage, self.hub)
@@ -62,6 +64,7 @@ class Eddy:
             )
         await self.storage.open()
         self.watcher.start(after=await self.storage.last_position())
+        self.presence.start()
         if self.settings.keepalive_interval > 0:
             self._keepalive = asyncio.get_running_loop().create_task(self._send_keepalives(), name="eddy-keepalive")
 
@@ -69,6 +72,7 @@ class Eddy:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+        await self.presence.stop()
         await self.watcher.stop()
         await self.storage.close()
 
@@ -116,6 +120,19 @@ class Eddy:
             self._rule_for(key[1])
         return key
 
+    def authorize_socket_publish(self, identity: Identity, channel: object) -> ChannelKey:
+        """The key of ``channel`` if a rule lets the identity publish to it from a socket."""
+        key = self.channel_key(identity, channel)
+        if not self.rules.configured or builtin_decision(identity, key[1]) is not None:
+            raise ChannelRefused(frames.FORBIDDEN, "publishing from a socket needs a channel rule that allows it")
+        if not self._rule_for(key[1]).may_publish(identity, key[1]):
+            raise ChannelRefused(frames.FORBIDDEN, f"publishing to {key[1]} is not allowed for this user")
+        return key
+
+    def keeps_history(self, channel: str) -> bool:
+        rule = self.rules.rule_for(channel)
+        return rule is None or rule.history
+
     def _rule_for(self, channel: str) -> ChannelRule:
         rule = self.rules.rule_for(channel)
         if rule is None:
@@ -144,9 +161,35 @@ class Eddy:
     async def publish(
         self, identity: Identity, channel: str, event: str, data: Any, *, idempotency_key: str | None = None
     ) -> Event:
+        """Store an event published over HTTP; the watcher broadcasts it."""
         tenant, channel = self.authorize_publish(identity, channel)
-        draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=idempotency_key)
+        return await self.append(tenant, channel, event, data, idempotency_key=idempotency_key)
+
+    async def append(self, tenant: str, channel: str, event: str, data: Any, *,
+                     idempotency_key: str | None = None) -> Event:
+        """Store an event on an authorized channel (ephemeral where its rule keeps no history)."""
+        draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=idempotency_key,
+                           ephemeral=not self.keeps_history(channel))
         return await self.storage.append(draft)
+
+    async def signal(self, key: ChannelKey, name: str, data: dict[str, Any]) -> None:
+        """Broadcast an ephemeral protocol event (typing, read, presence) to every process."""
+        await self.storage.append(EventDraft(key[0], key[1], name, data, ephemeral=True))
+
+    async def mark_read(self, identity: Identity, key: ChannelKey, message_id: str) -> ReadReceipt:
+        receipt = ReadReceipt(identity.user_id, message_id, time.time())
+        await self.storage.save_read(key[0], key[1], receipt)
+        await self.signal(key, frames.READ_EVENT, {"user_id": identity.user_id, "message_id": message_id,
+                                                   "read_at": frames.iso_timestamp(receipt.read_at)})
+        return receipt
+
+    async def reads(self, identity: Identity, channel: str) -> list[ReadReceipt]:
+        key = await self.authorize_join(identity, channel)
+        return await self.storage.reads(*key)
+
+    async def presence_users(self, identity: Identity, channel: str) -> list[dict[str, Any]]:
+        key = await self.authorize_join(identity, channel)
+        return await self.presence.users(key)
 
     async def history(self, identity: Identity, channel: str, *, after: int, limit: int) -> History:
         tenant, channel = await self.authorize_join(identity, channel)

@@ -77,6 +77,8 @@ class Settings:
     max_connections_per_user: int = setting(
         10, "Sockets one user may hold per process; the oldest is closed (4029) when another arrives."
     )
+    presence_ttl: float = setting(30.0, "Seconds a presence entry lives unless its process refreshes it (a third of it).")
+    typing_timeout: float = setting(6.0, "Seconds after which a typing indicator without refresh is cleared.")
     max_body_bytes: int = setting(1 << 20, "Largest HTTP request body accepted (413 above).")
     allowed_origins: str = setting(
         "", "Comma-separated browser origins allowed to open sockets besides the same origin; * allows any."

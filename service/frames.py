@@ -26,6 +26,9 @@ INVALID_CHANNEL = "INVALID_CHANNEL"
 FORBIDDEN = "FORBIDDEN"
 NOT_SUBSCRIBED = "NOT_SUBSCRIBED"
 TOO_MANY_CHANNELS = "TOO_MANY_CHANNELS"
+HISTORY_LOST = "HISTORY_LOST"
+RATE_LIMITED = "RATE_LIMITED"
+STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
 AUTHORIZER_UNAVAILABLE = "AUTHORIZER_UNAVAILABLE"
 UNAUTHENTICATED = "UNAUTHENTICATED"
 TOKEN_EXPIRED = "TOKEN_EXPIRED"
@@ -65,6 +68,28 @@ def event_body(event: Event) -> dict[str, Any]:
     }
 
 
+#: Event names Eddy itself uses for ephemeral protocol events; clients may not publish names starting with "$".
+PROTOCOL_EVENT_PREFIX = "$"
+TYPING_EVENT = "$typing"
+READ_EVENT = "$read"
+PRESENCE_EVENT = "$presence"
+
+
+def is_valid_event_name(name: object) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= 200 and not name.startswith(PROTOCOL_EVENT_PREFIX)
+
+
+def frame_body(event: Event) -> dict[str, Any]:
+    """The frame a subscriber receives for ``event``.
+
+    Stored events become ``event`` frames; Eddy's own ephemeral events
+    (``$typing``, ``$read``, ``$presence``) become frames of that type.
+    """
+    if event.event.startswith(PROTOCOL_EVENT_PREFIX):
+        return {"type": event.event[1:], "channel": event.channel, **event.data}
+    return event_body(event)
+
+
 def encode(frame: dict[str, Any]) -> bytes:
     return orjson.dumps(frame)
 
@@ -88,14 +113,30 @@ def websocket_text_frame(payload: bytes) -> bytes:
 class PreparedMessage:
     """One outgoing message, encoded once for any number of recipients."""
 
-    __slots__ = ("payload", "__dict__")
+    __slots__ = ("payload", "position", "key", "exclude_user", "__dict__")
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(
+        self,
+        payload: bytes,
+        *,
+        position: int | None = None,
+        key: tuple[str, str] | None = None,
+        exclude_user: str | None = None,
+    ) -> None:
         self.payload = payload
+        #: The event's position, so a resuming subscriber can drop what it already has.
+        self.position = position
+        #: (tenant, channel) of the event, None for connection-wide messages.
+        self.key = key
+        #: A user who must not receive it (the sender of a typing indicator).
+        self.exclude_user = exclude_user
 
     @classmethod
     def for_event(cls, event: Event) -> PreparedMessage:
-        return cls(encode(event_body(event)))
+        # Nobody needs their own typing indicator or presence change echoed back.
+        exclude = event.data.get("user_id") if event.event in (TYPING_EVENT, PRESENCE_EVENT) else None
+        return cls(encode(frame_body(event)), position=event.position, key=(event.tenant, event.channel),
+                   exclude_user=exclude)
 
     @cached_property
     def websocket_frame(self) -> bytes:

@@ -51,18 +51,25 @@ class Client:
             raise ConnectionError(f"closed: {self.connection.close_code} {self.connection.close_reason}")
         return orjson.loads(message)
 
+    #: Frames other clients cause at any moment; skipped unless a test asks for them.
+    BACKGROUND = ("keepalive", "presence")
+
     async def recv_type(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
-        """The next frame of type ``kind``, skipping keepalives only."""
+        """The next frame of type ``kind``, skipping keepalive and presence frames."""
         while True:
             frame = await self.recv(timeout)
             if frame["type"] == kind:
                 return frame
-            if frame["type"] != "keepalive":
+            if frame["type"] not in self.BACKGROUND:
                 raise AssertionError(f"expected {kind}, got {frame}")
 
     async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """Send ``frame`` and return the next frame that is not keepalive or presence."""
         self.send(frame)
-        return await self.recv()
+        while True:
+            answer = await self.recv()
+            if answer["type"] not in self.BACKGROUND:
+                return answer
 
     async def no_frame_within(self, seconds: float) -> bool:
         try:

@@ -101,6 +101,9 @@ async def scenario(tmp_path, use_rules: bool, drawn_clients, drawn_events) -> No
                     frame = await client.recv(0.05)
                 except asyncio.TimeoutError:
                     break
+                if frame["type"] == "presence":  # others joining: also only from allowed rooms
+                    assert frame["channel"] in allowed
+                    continue
                 assert frame["type"] == "event"
                 received.append(frame["id"])
             assert received == expected
