@@ -154,12 +154,14 @@ class ConversationFrames:
             self._cancel_timer(timer)
             if self._typing_since.pop(key, None) is not None:
                 await self.broadcast_typing(key, False)
-            return
-        self._set_timer(timer, self.eddy.settings.typing_timeout, lambda: self._typing_expired(key))
-        last = self._typing_since.get(key)
-        if last is None or now - last >= TYPING_REBROADCAST:
-            self._typing_since[key] = now
-            await self.broadcast_typing(key, True)
+        else:
+            self._set_timer(timer, self.eddy.settings.typing_timeout, lambda: self._typing_expired(key))
+            last = self._typing_since.get(key)
+            if last is None or now - last >= TYPING_REBROADCAST:
+                self._typing_since[key] = now
+                await self.broadcast_typing(key, True)
+        if ref is not None:
+            self.send({"type": "ack", "ref": ref, "channel": key[1]})
 
     def _typing_expired(self, key: ChannelKey) -> None:
         self._timers.pop(f"typing:{key[1]}", None)

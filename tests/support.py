@@ -72,11 +72,16 @@ class Client:
                 return answer
 
     async def no_frame_within(self, seconds: float) -> bool:
-        try:
-            frame = await self.recv(seconds)
-        except asyncio.TimeoutError:
-            return True
-        raise AssertionError(f"unexpected frame {frame}")
+        """True when nothing but keepalive/presence frames arrives for ``seconds``."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                frame = await self.recv(max(left, 0.001))
+            except asyncio.TimeoutError:
+                return True
+            if frame["type"] not in self.BACKGROUND:
+                raise AssertionError(f"unexpected frame {frame}")
 
     def close(self) -> None:
         self.connection.close()
