@@ -7,6 +7,7 @@ it relies on that class's ``eddy``, ``identity``, ``channels``, ``send``,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -21,6 +22,8 @@ log = logging.getLogger("eddy.ws")
 
 #: Events a resume replays per storage read; writes are flushed between pages.
 REPLAY_PAGE = 500
+#: Seconds a resume waits for this process's watcher to reach what was replayed.
+REPLAY_CATCH_UP = 10.0
 #: Events one sync answer carries at most.
 SYNC_LIMIT = 1000
 #: Typing frames a connection may send per window, and the window in seconds.
@@ -93,6 +96,13 @@ class ConversationFrames:
                 if len(page.events) < REPLAY_PAGE:
                     break
                 page = await self.eddy.storage.history(*key, after=sent, limit=REPLAY_PAGE)
+            # Events up to `sent` may still be on their way from a watcher that is
+            # behind the store; once it has passed `sent`, everything live is newer.
+            await self.eddy.watcher.passed(sent, timeout=REPLAY_CATCH_UP)
+        except asyncio.TimeoutError:
+            self.replaying.pop(key, None)
+            self._unsubscribe(key)
+            raise FrameError(frames.STORAGE_UNAVAILABLE, "the change feed is behind; retry the join") from None
         except HistoryLost:
             self.replaying.pop(key, None)
             self._unsubscribe(key)

@@ -39,6 +39,8 @@ class Watcher:
         self.failures = 0
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        #: (position, future) pairs waiting for the watcher to hand over that position.
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def start(self, after: int | None = None) -> None:
         """Start following the feed after ``after`` (default: the store's current end)."""
@@ -66,6 +68,28 @@ class Watcher:
         """True while the watcher follows the feed (not backing off after an error)."""
         return self.running and self.last_error is None
 
+    async def passed(self, position: int, timeout: float) -> None:
+        """Return once every event up to ``position`` has been handed to the hub.
+
+        A resuming subscriber that replayed history up to ``position`` waits
+        for this before going live, so an event it replayed cannot reach it a
+        second time from a watcher that was behind. ``asyncio.TimeoutError``
+        if the watcher does not get there in time.
+        """
+        if self.position is not None and self.position >= position:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((position, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiters = [(p, f) for p, f in self._waiters if f is not future]
+
+    def _release_waiters(self) -> None:
+        for position, future in self._waiters:
+            if position <= self.position and not future.done():
+                future.set_result(None)
+
     def lag_seconds(self) -> float:
         """How old the newest event handed over is; 0 before the first one."""
         return 0.0 if self.last_event_time is None else max(0.0, time.time() - self.last_event_time)
@@ -86,6 +110,8 @@ class Watcher:
                     self.hub.publish(event)
                     self.position = event.position
                     self.last_event_time = event.timestamp
+                    if self._waiters:
+                        self._release_waiters()
                     backoff = self.initial_backoff
                     # Let sockets and requests run between large fan-outs.
                     await asyncio.sleep(0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -143,9 +143,20 @@ class SQLiteStorage(Storage):
                                      check_same_thread=False)
         connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         if create_schema:
-            connection.execute("PRAGMA journal_mode = WAL")
+            # Two processes creating the same new file race for the switch to WAL,
+            # which SQLite answers with "locked" without waiting: retry briefly.
+            deadline = time.monotonic() + self.busy_timeout
+            while True:
+                try:
+                    connection.execute("PRAGMA journal_mode = WAL")
+                    connection.executescript(SCHEMA)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        connection.close()
+                        raise
+                    time.sleep(0.02)
             connection.execute("PRAGMA synchronous = FULL")  # an acknowledged event survives power loss
-            connection.executescript(SCHEMA)
         return connection
 
     async def close(self) -> None:

@@ -28,18 +28,19 @@ class EddyProcess:
     """``python -m service serve`` in a subprocess, logs captured to a file."""
 
     def __init__(self, tmp_path: Path, storage: str, *, secret: str | None = SECRET, args: list[str] = (),
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log_path = tmp_path / f"eddy-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDDY_")}
-        env["PYTHONPATH"] = str(ROOT)
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("EDDY_")}
+        environment["PYTHONPATH"] = str(ROOT)
         if secret:
-            env["EDDY_JWT_SECRET"] = secret
+            environment["EDDY_JWT_SECRET"] = secret
+        environment.update(env or {})
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--address", "127.0.0.1",
              "--storage", storage, *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd or tmp_path,
+            stdout=self.log, stderr=subprocess.STDOUT, env=environment, cwd=cwd or tmp_path,
         )
 
     def wait_ready(self, timeout: float = 15.0) -> None:
