@@ -273,3 +273,26 @@ async def test_resume_seam_under_continuous_publishing(http_server, http_port):
     stop.set()
     await task
     assert received == [i for i in published if int(i) > int(first)][: len(received)]
+
+
+@pytest.mark.gen_test
+async def test_storage_outage_on_socket_frames_is_reported_and_survived(http_server, http_port, eddy, monkeypatch):
+    from storage import StorageUnavailable
+
+    ana = await member(http_port, "ana")
+    original = eddy.storage.append
+
+    async def down(draft):
+        raise StorageUnavailable("disk full")
+
+    monkeypatch.setattr(eddy.storage, "append", down)
+    error = await ana.request({"type": "publish", "channel": CONV, "event": "m", "data": 1, "ref": 1})
+    assert (error["code"], error["ref"]) == ("STORAGE_UNAVAILABLE", 1)
+    monkeypatch.setattr(eddy.storage, "append", original)
+    ack = await ana.request({"type": "publish", "channel": CONV, "event": "m", "data": 2, "ref": 2})
+    assert ack["type"] == "ack"
+    assert (await ana.recv_type("event"))["data"] == 2
+    # An authenticate frame without a token is refused with TOKEN_MISSING, and the session goes on.
+    assert (await ana.request({"type": "authenticate", "ref": 3}))["code"] == "TOKEN_MISSING"
+    assert (await ana.request({"type": "ping"}))["type"] == "pong"
+    ana.close()
