@@ -229,7 +229,7 @@ class ConversationFrames:
         try:
             await self.eddy.presence.join(key, self.identity.user_id, self.connection_id, self.status)
         except StorageUnavailable as exc:
-            log.warning("connection %s: presence not recorded (%s)", self.connection_id, exc)
+            self.log.warning("presence not recorded (%s)", exc)
 
     async def leave_presence(self, keys: list[ChannelKey]) -> None:
         assert self.identity is not None
@@ -238,7 +238,7 @@ class ConversationFrames:
             try:
                 await self.eddy.presence.leave(key, self.identity.user_id, self.connection_id)
             except StorageUnavailable as exc:
-                log.warning("connection %s: presence entry left to expire (%s)", self.connection_id, exc)
+                self.log.warning("presence entry left to expire (%s)", exc)
 
     # Helpers ------------------------------------------------------------------------
 

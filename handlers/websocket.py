@@ -25,6 +25,7 @@ from service import frames
 from service.app import ChannelRefused, Eddy
 from service.auth import AuthError, Identity, token_from_request
 from service.hub import ChannelKey
+from service.logs import ConnectionLogger
 from service.rules import automatic_rooms
 
 from .conversation import ConversationFrames, FrameError, position_field
@@ -56,6 +57,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         self.channels: set[ChannelKey] = set()
         self.automatic: set[ChannelKey] = set()
         self.connection_id = uuid.uuid4().hex
+        self.log = ConnectionLogger(log, {"connection_id": self.connection_id})
         self._timers: dict[str, object] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.init_conversation()
@@ -141,7 +143,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         if ref is not None:
             connected["ref"] = ref
         self.send(connected)
-        log.debug("connection %s open for user %s", self.connection_id, identity.user_id)
+        self.log.debug("open for user %s", identity.user_id)
 
     def on_close(self) -> None:
         self._leave_hub()
@@ -155,7 +157,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
             self._typing_since.clear()
             if self.present_in:
                 self.background(self.leave_presence(sorted(self.present_in)))
-        log.debug("connection %s closed (%s)", self.connection_id, self.close_code)
+        self.log.debug("closed (%s)", self.close_code)
 
     def background(self, coroutine) -> None:
         """Run work that outlives the current frame; failures are logged, never lost silently."""
@@ -166,7 +168,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
     def _background_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("connection %s: background work failed: %r", self.connection_id, task.exception())
+            self.log.warning("background work failed: %r", task.exception())
 
     def _leave_hub(self) -> None:
         """Stop all deliveries to this socket (idempotent)."""
@@ -247,7 +249,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
                 pass
 
     def _close_slow_consumer(self) -> None:
-        log.warning("connection %s closed: slow consumer", self.connection_id)
+        self.log.warning("closed: slow consumer")
         self._leave_hub()
         # Lift the bound so the close frame can queue behind the backlog; if the
         # client never reads it, Tornado aborts the connection after a timeout.
@@ -267,7 +269,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         except FrameError as exc:
             self.send(frames.error_frame(exc.code, exc.message, ref))
         except Exception:
-            log.exception("connection %s: frame handler failed", self.connection_id)
+            self.log.exception("frame handler failed")
             self.send(frames.error_frame(frames.INTERNAL_ERROR, "internal error; the frame was not applied", ref))
 
     @staticmethod

@@ -22,6 +22,7 @@ from .authorizer import JoinAuthorizer
 from .config import Settings, read_config_file
 from .rules import ChannelRule, Rules, builtin_decision
 from .hub import ChannelKey, Hub
+from .logs import log_request
 from .presence import PresenceTracker
 from .watcher import Watcher
 
@@ -221,5 +222,6 @@ class Eddy:
             websocket_ping_interval=self.settings.ping_interval or None,
             websocket_ping_timeout=self.settings.ping_timeout or None,
             websocket_max_message_size=self.settings.max_frame_bytes,
+            log_function=log_request,
             **extra_settings,
         )

@@ -16,6 +16,7 @@ import tornado.process
 
 from .auth import TokenVerifier, resolve_secret
 from .config import Settings, add_setting_flags
+from .logs import configure_logging
 
 log = logging.getLogger("eddy")
 
@@ -35,16 +36,9 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-    )
-
-
 def serve(settings: Settings) -> None:
     """Bind, optionally fork, and run until SIGTERM or SIGINT."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     limit = raise_open_file_limit()
     if settings.processes != 1 and settings.storage.startswith("memory:"):
         sys.exit("eddy: memory:// storage cannot be shared by several processes; use sqlite:// or mongodb://")

@@ -86,6 +86,7 @@ class Settings:
 
     # Logging
     log_level: str = setting("info", "debug, info, warning or error.", flag=True)
+    log_format: str = setting("auto", "text, json, or auto (text on a terminal, JSON lines otherwise).", flag=True)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -123,7 +123,15 @@ async def test_development_secret_is_shared_by_serve_and_token(processes, tmp_pa
     connected = await client.recv()
     assert connected["user_id"] == "alice" and connected["tenant"] == "acme"
     client.close()
+    # Browsers send the token in the query string: it must not reach the access log either.
+    for name in ("access_token", "token"):
+        client = await Client.connect(server.port, "/ws", minted, header=False, query=f"?{name}={minted}")
+        await client.recv()
+        client.close()
+    await http(server.port, "GET", f"/api/channels/tickets/events?access_token={minted}")
+    await asyncio.sleep(0.2)
     log = server.output()
+    assert "access_token=***" in log
     assert "DEVELOPMENT SECRET IN USE" in log
     assert secret not in log and minted not in log
 

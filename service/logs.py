@@ -1,0 +1,81 @@
+"""Logging: readable text on a terminal, JSON lines elsewhere, and never a token or secret.
+
+Request lines are written by :func:`log_request` (Tornado's ``log_function``),
+which drops the values of credential query parameters; the default Tornado
+access log would print ``?access_token=…`` in full.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import orjson
+
+access_log = logging.getLogger("eddy.access")
+
+#: Query parameters whose values never reach a log line.
+SECRET_PARAMETERS = frozenset({"access_token", "token", "jwt", "auth", "authorization"})
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with the values of credential parameters replaced by ``***``."""
+    parts = urlsplit(uri)
+    if not parts.query:
+        return uri
+    pairs = [(k, "***" if k.lower() in SECRET_PARAMETERS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    return parts._replace(query=urlencode(pairs, safe="*")).geturl()
+
+
+def log_request(handler) -> None:
+    status = handler.get_status()
+    method = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
+    request = handler.request
+    method("%d %s %s (%s) %.2fms", status, request.method, redact_uri(request.uri), request.remote_ip,
+           1000.0 * request.request_time())
+
+
+class ConnectionLogger(logging.LoggerAdapter):
+    """Prefixes every line with the connection id and adds it as a field for JSON lines."""
+
+    def process(self, msg, kwargs):
+        connection_id = self.extra["connection_id"]
+        kwargs.setdefault("extra", {})["connection_id"] = connection_id
+        return f"connection {connection_id}: {msg}", kwargs
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, process, message, and ``connection_id`` when given."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "process": record.process,
+            "message": record.getMessage(),
+        }
+        connection_id = getattr(record, "connection_id", None)
+        if connection_id is not None:
+            line["connection_id"] = connection_id
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+def configure_logging(level: str, log_format: str = "auto") -> None:
+    """``auto`` is text on a terminal and JSON lines otherwise (containers, files)."""
+    if log_format == "auto":
+        log_format = "text" if sys.stderr.isatty() else "json"
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
