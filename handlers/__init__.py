@@ -9,7 +9,16 @@ if TYPE_CHECKING:
 
 
 def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
-    from .http import EventsHandler, HealthHandler, HistoryHandler, PresenceHandler, ReadsHandler, ReadyHandler
+    from .http import (
+        EventsHandler,
+        HealthHandler,
+        HistoryHandler,
+        MetricsHandler,
+        PresenceHandler,
+        ReadsHandler,
+        ReadyHandler,
+        StatsHandler,
+    )
     from .websocket import EventSocket
 
     args = {"eddy": eddy}
@@ -20,6 +29,8 @@ def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/api/channels/([^/]+)/events", HistoryHandler, args),
         (r"/api/channels/([^/]+)/reads", ReadsHandler, args),
         (r"/api/channels/([^/]+)/presence", PresenceHandler, args),
+        (r"/api/stats", StatsHandler, args),
+        (r"/metrics", MetricsHandler, args),
         (r"/healthz", HealthHandler, args),
         (r"/readyz", ReadyHandler, args),
     ]

@@ -8,17 +8,14 @@ it relies on that class's ``eddy``, ``identity``, ``channels``, ``send``,
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
-from service import frames
+from service import frames, metrics
 from service.app import ChannelRefused
 from service.hub import ChannelKey
 from service.presence import STATUSES
 from storage import StorageUnavailable, parse_event_id
-
-log = logging.getLogger("eddy.ws")
 
 #: Events a resume replays per storage read; writes are flushed between pages.
 REPLAY_PAGE = 500
@@ -145,6 +142,7 @@ class ConversationFrames:
             idempotency_key = string_field(frame, "idempotency_key")
         try:
             stored = await self.eddy.append(*key, event, frame.get("data"), idempotency_key=idempotency_key)
+            metrics.EVENTS_PUBLISHED.labels("socket").inc()
         except StorageUnavailable:
             raise FrameError(frames.STORAGE_UNAVAILABLE, "storage is unavailable; retry with the same idempotency_key") from None
         self.send({"type": "ack", "ref": ref, "channel": key[1], "id": stored.id,
@@ -223,7 +221,7 @@ class ConversationFrames:
 
     async def enter_presence(self, key: ChannelKey) -> None:
         assert self.identity is not None
-        if key in self.present_in:
+        if key in self.present_in or not self.eddy.tracks_presence(key[1]):
             return
         self.present_in.add(key)
         try:

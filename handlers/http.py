@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import tornado.web
 
-from service import frames
+from service import frames, metrics
 from service.app import ChannelRefused, Eddy
 from service.auth import AuthError, Identity, token_from_request
 from storage import StorageUnavailable, parse_event_id
@@ -177,6 +177,23 @@ class PresenceHandler(ApiHandler):
         with service_errors():
             users = await self.eddy.presence_users(identity, channel)
         self.write_json({"channel": channel, "users": users})
+
+
+class MetricsHandler(ApiHandler):
+    """``GET /metrics``: Prometheus exposition (no labels carry tenants, channels or users)."""
+
+    def get(self) -> None:
+        body, content_type = metrics.render()
+        self.set_header("Content-Type", content_type)
+        self.finish(body)
+
+
+class StatsHandler(ApiHandler):
+    """``GET /api/stats``: this process's connections, and its subscribers and rates for the caller's tenant."""
+
+    def get(self) -> None:
+        identity = self.authenticate()
+        self.write_json(self.eddy.stats(identity.tenant))
 
 
 class HealthHandler(ApiHandler):

@@ -21,7 +21,7 @@ import tornado.web
 import tornado.websocket
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 
-from service import frames
+from service import frames, metrics
 from service.app import ChannelRefused, Eddy
 from service.auth import AuthError, Identity, token_from_request
 from service.hub import ChannelKey
@@ -113,6 +113,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         # is a slow consumer and is closed instead of growing without limit.
         self.ws_connection.stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
         self.eddy.hub.connect(self)
+        metrics.CONNECTIONS.labels("websocket").inc()
         if self.identity is not None:
             self._start_session(ref=None)
         else:
@@ -129,8 +130,9 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
             self.automatic.add(key)
             self._subscribe(key)
         if self.path_channel is not None:
+            # A /ws/<channel>/stream socket is a broadcast subscriber (a dashboard,
+            # a kiosk): no presence, or every connect would be announced to all of them.
             self._subscribe(self.path_channel)
-            self.background(self.enter_presence(self.path_channel))
         self._watch_expiry()
         connected: dict[str, Any] = {
             "type": "connected",
@@ -146,6 +148,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         self.log.debug("open for user %s", identity.user_id)
 
     def on_close(self) -> None:
+        metrics.CONNECTIONS.labels("websocket").dec()
         self._leave_hub()
         for handle in self._timers.values():
             tornado.ioloop.IOLoop.current().remove_timeout(handle)
@@ -250,6 +253,8 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
 
     def _close_slow_consumer(self) -> None:
         self.log.warning("closed: slow consumer")
+        metrics.SLOW_CONSUMERS.inc()
+        metrics.DROPPED.labels("slow_consumer").inc()
         self._leave_hub()
         # Lift the bound so the close frame can queue behind the backlog; if the
         # client never reads it, Tornado aborts the connection after a timeout.
@@ -267,8 +272,12 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
             if inspect.isawaitable(result):
                 await result
         except FrameError as exc:
+            metrics.FRAME_ERRORS.labels(exc.code).inc()
+            if exc.code == frames.RATE_LIMITED:
+                metrics.RATE_LIMITED.labels("typing").inc()
             self.send(frames.error_frame(exc.code, exc.message, ref))
         except Exception:
+            metrics.FRAME_ERRORS.labels(frames.INTERNAL_ERROR).inc()
             self.log.exception("frame handler failed")
             self.send(frames.error_frame(frames.INTERNAL_ERROR, "internal error; the frame was not applied", ref))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -17,7 +18,8 @@ from storage import Event, EventDraft, History, ReadReceipt, Storage, StorageErr
 
 from . import frames
 from .authorizer import ChannelRefused
-from .auth import Identity, TokenVerifier, resolve_secret
+from . import metrics
+from .auth import AuthError, Identity, TokenVerifier, resolve_secret
 from .authorizer import JoinAuthorizer
 from .config import Settings, read_config_file
 from .rules import ChannelRule, Rules, builtin_decision
@@ -87,7 +89,11 @@ class Eddy:
 
     def authenticate(self, token: str | None) -> Identity:
         """The identity behind ``token``; raises :class:`service.auth.AuthError`."""
-        return self.verifier.verify(token)
+        try:
+            return self.verifier.verify(token)
+        except AuthError as exc:
+            metrics.AUTH_FAILURES.labels(exc.code).inc()
+            raise
 
     def channel_key(self, identity: Identity, channel: object) -> ChannelKey:
         """``channel``'s key in the identity's tenant; ``INVALID_CHANNEL`` if the name is bad."""
@@ -134,6 +140,10 @@ class Eddy:
         rule = self.rules.rule_for(channel)
         return rule is None or rule.history
 
+    def tracks_presence(self, channel: str) -> bool:
+        rule = self.rules.rule_for(channel)
+        return rule is None or rule.presence
+
     def _rule_for(self, channel: str) -> ChannelRule:
         rule = self.rules.rule_for(channel)
         if rule is None:
@@ -164,7 +174,9 @@ class Eddy:
     ) -> Event:
         """Store an event published over HTTP; the watcher broadcasts it."""
         tenant, channel = self.authorize_publish(identity, channel)
-        return await self.append(tenant, channel, event, data, idempotency_key=idempotency_key)
+        stored = await self.append(tenant, channel, event, data, idempotency_key=idempotency_key)
+        metrics.EVENTS_PUBLISHED.labels("http").inc()
+        return stored
 
     async def append(self, tenant: str, channel: str, event: str, data: Any, *,
                      idempotency_key: str | None = None) -> Event:
@@ -208,6 +220,24 @@ class Eddy:
         elif not self.watcher.connected:
             checks["watcher"] = f"retrying: {self.watcher.last_error}"
         return checks
+
+    def stats(self, tenant: str) -> dict[str, Any]:
+        """This process's view: its totals, and the tenant's channels with subscribers and event rates."""
+        uptime = max(time.time() - self.started_at, 1e-9)
+        subscribers = self.hub.tenant_channels(tenant)
+        counts = {channel: n for (owner, channel), n in self.hub.channel_events.items() if owner == tenant}
+        channels = {
+            name: {"subscribers": subscribers.get(name, 0), "events": counts.get(name, 0),
+                   "events_per_second": round(counts.get(name, 0) / uptime, 3)}
+            for name in sorted(set(subscribers) | set(counts))
+        }
+        return {
+            "process": {"pid": os.getpid(), "connections": self.hub.connection_count,
+                        "channels": self.hub.channel_count, "uptime_seconds": round(uptime, 1),
+                        "events_fanned_out": self.hub.events_published, "deliveries": self.hub.deliveries,
+                        "watcher_position": self.watcher.position},
+            "channels": channels,
+        }
 
     # Tornado ---------------------------------------------------------------
 

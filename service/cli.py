@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import resource
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import tornado.httpserver
@@ -46,6 +48,10 @@ def serve(settings: Settings) -> None:
     resolve_secret(settings.jwt_secret, settings.secret_file, settings.storage, create=True)
     sockets = tornado.netutil.bind_sockets(settings.port, settings.address, reuse_port=False)
     if settings.processes != 1:
+        # Metrics of all processes are summed through files in one directory;
+        # it must be set before prometheus_client is first imported.
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eddy-metrics-")
         tornado.process.fork_processes(settings.processes or None)
     log.info(
         "eddy listening on %s:%d (storage %s, open-file limit %d)",

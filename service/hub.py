@@ -11,11 +11,13 @@ see each other's events even when they use the same channel names.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Protocol
 
 from storage import Event
 
+from . import metrics
 from .frames import PreparedMessage
 
 log = logging.getLogger("eddy.hub")
@@ -37,6 +39,8 @@ class Hub:
         self._connections: set[Subscriber] = set()
         self.events_published = 0
         self.deliveries = 0
+        #: Events fanned out per channel since start (for rates in /api/stats).
+        self.channel_events: dict[ChannelKey, int] = {}
 
     # Connections -----------------------------------------------------------
 
@@ -65,6 +69,7 @@ class Hub:
 
     def subscribe(self, key: ChannelKey, subscriber: Subscriber) -> None:
         self._channels.setdefault(key, set()).add(subscriber)
+        metrics.CHANNELS.set(len(self._channels))
 
     def unsubscribe(self, key: ChannelKey, subscriber: Subscriber) -> None:
         members = self._channels.get(key)
@@ -73,6 +78,7 @@ class Hub:
         members.discard(subscriber)
         if not members:
             del self._channels[key]
+            metrics.CHANNELS.set(len(self._channels))
 
     def subscriber_count(self, key: ChannelKey) -> int:
         return len(self._channels.get(key, ()))
@@ -81,16 +87,23 @@ class Hub:
     def channel_count(self) -> int:
         return len(self._channels)
 
+    def tenant_channels(self, tenant: str) -> dict[str, int]:
+        """Local subscriber counts of one tenant's channels."""
+        return {channel: len(members) for (owner, channel), members in self._channels.items() if owner == tenant}
+
     # Fan-out ---------------------------------------------------------------
 
     def publish(self, event: Event) -> int:
         """Deliver ``event`` to every local subscriber of its channel; returns how many."""
         self.events_published += 1
+        self.channel_events[(event.tenant, event.channel)] = self.channel_events.get((event.tenant, event.channel), 0) + 1
         members = self._channels.get((event.tenant, event.channel))
         if not members:
             return 0
-        message = PreparedMessage.for_event(event)
-        return self._deliver(tuple(members), message)
+        started = time.perf_counter()
+        delivered = self._deliver(tuple(members), PreparedMessage.for_event(event))
+        metrics.FANOUT_DURATION.observe(time.perf_counter() - started)
+        return delivered
 
     def broadcast(self, message: PreparedMessage) -> int:
         """Deliver ``message`` to every connection (keepalives, shutdown notices)."""
@@ -104,4 +117,5 @@ class Hub:
             except Exception:  # one broken subscriber must not starve the others
                 log.exception("delivery to a subscriber failed")
         self.deliveries += len(recipients)
+        metrics.DELIVERIES.inc(len(recipients))
         return len(recipients)

@@ -45,6 +45,8 @@ class ChannelRule:
     id_pattern: str | None = None
     #: URL the application answers 200 to allow a join (Centrifugo's subscribe proxy).
     authorizer: str | None = None
+    #: Track who is online and announce joins and leaves (off for large broadcast channels).
+    presence: bool = True
     _id_regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     def matches(self, channel: str) -> bool:
@@ -113,7 +115,7 @@ class Rules:
 
 def parse_rule(index: int, table: dict[str, Any]) -> ChannelRule:
     where = f"channels[{index}]"
-    known = {"pattern", "join", "publish", "history", "id_pattern", "authorizer"}
+    known = {"pattern", "join", "publish", "history", "presence", "id_pattern", "authorizer"}
     unknown = set(table) - known
     if unknown:
         raise RuleError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
@@ -129,10 +131,11 @@ def parse_rule(index: int, table: dict[str, Any]) -> ChannelRule:
             if not isinstance(who, list) or not all(_valid_who(w) for w in who):
                 raise RuleError(f"{where}.{name}: a list of \"tenant\", \"self\" or \"role:<name>\"")
             values[name] = tuple(who)
-    if "history" in table:
-        if not isinstance(table["history"], bool):
-            raise RuleError(f"{where}.history: true or false")
-        values["history"] = table["history"]
+    for flag in ("history", "presence"):
+        if flag in table:
+            if not isinstance(table[flag], bool):
+                raise RuleError(f"{where}.{flag}: true or false")
+            values[flag] = table[flag]
     if "authorizer" in table:
         if not isinstance(table["authorizer"], str) or not table["authorizer"].startswith(("http://", "https://")):
             raise RuleError(f"{where}.authorizer: an http(s) URL")

@@ -14,6 +14,7 @@ import time
 
 from storage import Storage
 
+from . import metrics
 from .hub import Hub
 
 log = logging.getLogger("eddy.watcher")
@@ -110,6 +111,10 @@ class Watcher:
                     self.hub.publish(event)
                     self.position = event.position
                     self.last_event_time = event.timestamp
+                    late = max(0.0, time.time() - event.timestamp)
+                    metrics.EVENTS_FANNED_OUT.inc()
+                    metrics.DELIVERY_LATENCY.observe(late)
+                    metrics.WATCHER_LAG.set(late)
                     if self._waiters:
                         self._release_waiters()
                     backoff = self.initial_backoff
@@ -120,6 +125,7 @@ class Watcher:
                 raise
             except Exception as exc:
                 self.failures += 1
+                metrics.WATCHER_ERRORS.inc()
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning(
                     "watcher error at position %s (%s); retrying in %.2fs", self.position, self.last_error, backoff

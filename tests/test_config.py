@@ -53,6 +53,7 @@ def test_config_errors_name_the_problem(tmp_path, text, message):
     ({"pattern": "x:*", "id_pattern": "("}, "id_pattern"),
     ({"pattern": "x", "authorizer": "ftp://x"}, "authorizer"),
     ({"pattern": "x", "history": "yes"}, "history"),
+    ({"pattern": "x", "presence": 1}, "presence"),
 ])
 def test_rule_errors_name_the_rule(table, message):
     with pytest.raises(RuleError, match=message):

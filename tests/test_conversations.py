@@ -24,6 +24,7 @@ pattern = "dashboard"
 join = ["tenant"]
 publish = ["tenant"]
 history = false
+presence = false
 """
 
 
@@ -96,6 +97,8 @@ async def test_channel_without_history_broadcasts_but_keeps_nothing(http_server,
     assert (await b.recv_type("event"))["id"] == ack["id"]
     page = json_of(await http(http_port, "GET", "/api/channels/dashboard/events", token=make_token("a")))
     assert page["events"] == []
+    # Nor does it track presence (rule presence = false): thousands of dashboards stay quiet.
+    assert (await a.request({"type": "presence_query", "channel": "dashboard", "ref": 2}))["users"] == []
     a.close()
     b.close()
 

@@ -1,0 +1,52 @@
+"""Prometheus metrics (prometheus_client). Served at ``/metrics``.
+
+With ``eddy serve --processes N`` the processes share a directory
+(``PROMETHEUS_MULTIPROC_DIR``, created by the CLI when unset) and ``/metrics``
+on any of them reports the sum over all of them. Labels never carry tenants,
+channels or users: cardinality stays fixed and nothing confidential is exposed.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+CONNECTIONS = Gauge("eddy_connections", "Open client connections.", ["transport"], multiprocess_mode="livesum")
+CHANNELS = Gauge("eddy_channels", "Channels with at least one local subscriber.", multiprocess_mode="livesum")
+EVENTS_PUBLISHED = Counter("eddy_events_published_total", "Events stored through this service.", ["via"])
+EVENTS_FANNED_OUT = Counter("eddy_events_fanned_out_total", "Events the watcher handed to the hub.")
+DELIVERIES = Counter("eddy_deliveries_total", "Frames queued on sockets by fan-out.")
+DROPPED = Counter("eddy_dropped_total", "Connections or frames given up on, by reason.", ["reason"])
+DELIVERY_LATENCY = Histogram("eddy_delivery_latency_seconds",
+                             "From the store accepting an event to its fan-out in this process.",
+                             buckets=LATENCY_BUCKETS)
+FANOUT_DURATION = Histogram("eddy_fanout_duration_seconds", "Time to queue one event on every local subscriber.",
+                            buckets=LATENCY_BUCKETS)
+WATCHER_LAG = Gauge("eddy_watcher_lag_seconds", "How late the watcher handed over its newest event.",
+                    multiprocess_mode="max")
+WATCHER_ERRORS = Counter("eddy_watcher_errors_total", "Change feed failures the watcher recovered from.")
+SLOW_CONSUMERS = Counter("eddy_slow_consumer_disconnects_total", "Sockets closed for not reading fast enough.")
+AUTH_FAILURES = Counter("eddy_auth_failures_total", "Refused tokens, by code.", ["reason"])
+RATE_LIMITED = Counter("eddy_rate_limited_total", "Frames or requests refused by a rate limit.", ["kind"])
+FRAME_ERRORS = Counter("eddy_frame_errors_total", "Client frames answered with an error, by code.", ["code"])
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type, for this process or all processes."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
