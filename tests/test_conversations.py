@@ -98,6 +98,7 @@ async def test_channel_without_history_broadcasts_but_keeps_nothing(http_server,
     page = json_of(await http(http_port, "GET", "/api/channels/dashboard/events", token=make_token("a")))
     assert page["events"] == []
     # Nor does it track presence (rule presence = false): thousands of dashboards stay quiet.
+    assert (await a.recv_type("event"))["id"] == ack["id"]  # its own event
     assert (await a.request({"type": "presence_query", "channel": "dashboard", "ref": 2}))["users"] == []
     a.close()
     b.close()
