@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench loadtest clean
+.PHONY: serve test bench loadtest docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: $(VENV)/.bench-installed
 
 loadtest: $(VENV)/.bench-installed
 	$(PY) -m loadtests.loadtest $(LOADTEST_ARGS)
+
+docs: $(STAMP)
+	$(PY) -m service.config > docs/CONFIGURATION.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -179,3 +179,27 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, dest=name, type=types[name], default=None, help=f"{help_text} [{env}, default {default!r}]"
             )
+
+
+def reference_markdown() -> str:
+    """docs/CONFIGURATION.md, generated from the settings above (``make docs`` rewrites it)."""
+    lines = [
+        "# Eddy configuration reference",
+        "",
+        "Generated from `service/config.py` by `make docs`; a test fails when they differ.",
+        "",
+        "Every setting is read, in increasing precedence, from its default, the `--config` TOML file (same name,",
+        "top level), its environment variable, and its `eddy serve` flag where it has one. Channel rules live in the",
+        "same TOML file as `[[channels]]` tables: see `docs/eddy.example.toml`.",
+        "",
+        "| setting | environment | flag | default | effect |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, env, flag, default, help_text in described_settings():
+        shown = f"`{default!r}`" if default != "" else "(empty)"
+        lines.append(f"| `{name}` | `{env}` | {f'`{flag}`' if flag else ''} | {shown} | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -73,3 +73,9 @@ async def test_stats_show_this_tenants_channels_only(http_server, http_port):
     assert (await http(http_port, "GET", "/api/stats")).code == 401
     acme.close()
     globex.close()
+
+
+def test_configuration_reference_matches_the_code():
+    from service.config import reference_markdown
+
+    assert (ROOT / "docs" / "CONFIGURATION.md").read_text() == reference_markdown(), "run `make docs`"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import SECRET, Client, http, make_token, publish
+from tests.support import SECRET, Client, http, json_of, make_token, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,3 +166,29 @@ async def test_storage_url_errors_are_clear(tmp_path):
         capture_output=True, text=True, env=env | {"EDDY_HISTORY_SIZE": "lots"}, cwd=tmp_path, timeout=20,
     )
     assert result.returncode != 0 and "EDDY_HISTORY_SIZE" in result.stderr
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_processes_flag_serves_on_every_worker_and_shares_events(processes, tmp_path):
+    server = processes(f"sqlite:///{tmp_path}/eddy.db", args=["--processes", "2"])
+    token = make_token("dash")
+    clients = []
+    for n in range(24):  # the kernel spreads connections over both workers
+        client = await Client.connect(server.port, "/ws/tickets/stream", make_token(f"dash-{n}"))
+        await client.recv()
+        clients.append(client)
+    workers = {}
+    for _ in range(40):
+        stats = json_of(await http(server.port, "GET", "/api/stats", token=token))["process"]
+        workers[stats["pid"]] = stats["connections"]
+        if len(workers) == 2:
+            break
+    assert len(workers) == 2, "requests never reached a second worker"
+    assert sum(workers.values()) == 24 and all(count > 0 for count in workers.values())
+    # Each event is POSTed to whichever worker accepts it, and reaches sockets on both.
+    ids = [(await publish(server.port, "tickets", "ticket.created", {"n": n}, token))["id"] for n in range(5)]
+    for client in clients:
+        assert [(await client.recv_type("event"))["id"] for _ in ids] == ids
+        client.close()
+    metrics_text = (await http(server.port, "GET", "/metrics")).body.decode()
+    assert "eddy_connections" in metrics_text  # summed over both workers (multiprocess mode)
