@@ -16,9 +16,9 @@ ENV PATH=/opt/eddy/bin:$PATH \
     EDDY_PORT=8888
 # The SQLite file (and the development secret, when EDDY_JWT_SECRET is unset) live here.
 VOLUME ["/var/lib/eddy"]
-USER eddy
+USER 10001
 WORKDIR /var/lib/eddy
 EXPOSE 8888
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
-    CMD python -c "import urllib.request,os; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"EDDY_PORT\"]}/healthz', timeout=2)"
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ['EDDY_PORT'], timeout=2)"]
 ENTRYPOINT ["eddy", "serve"]

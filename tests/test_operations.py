@@ -79,3 +79,16 @@ def test_configuration_reference_matches_the_code():
     from service.config import reference_markdown
 
     assert (ROOT / "docs" / "CONFIGURATION.md").read_text() == reference_markdown(), "run `make docs`"
+
+
+def test_dockerfile_lints_clean_and_runs_what_make_serve_runs():
+    import shutil
+    import subprocess
+    import sys
+
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "pip install" in dockerfile and 'ENTRYPOINT ["eddy", "serve"]' in dockerfile
+    assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile and "USER 10001" in dockerfile
