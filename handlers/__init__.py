@@ -17,6 +17,7 @@ def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
         PresenceHandler,
         ReadsHandler,
         ReadyHandler,
+        ScheduledHandler,
         StatsHandler,
     )
     from .websocket import EventSocket
@@ -29,6 +30,7 @@ def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/api/channels/([^/]+)/events", HistoryHandler, args),
         (r"/api/channels/([^/]+)/reads", ReadsHandler, args),
         (r"/api/channels/([^/]+)/presence", PresenceHandler, args),
+        (r"/api/scheduled/?([^/]*)", ScheduledHandler, args),
         (r"/api/stats", StatsHandler, args),
         (r"/metrics", MetricsHandler, args),
         (r"/healthz", HealthHandler, args),

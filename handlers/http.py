@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from http import HTTPStatus
 from typing import Any
 
@@ -23,6 +25,8 @@ log = logging.getLogger("eddy.http")
 RETRY_AFTER_SECONDS = 1
 MAX_HISTORY_LIMIT = 1000
 MAX_NAME_LENGTH = 200
+#: The furthest ahead an event may be scheduled (seconds).
+MAX_DELAY = 366 * 24 * 3600
 
 _CODE_FOR_STATUS = {
     400: "INVALID_BODY",
@@ -121,11 +125,18 @@ class EventsHandler(ApiHandler):
         body = parse_object(bytes(self._body))
         channel = body.get("channel")
         event = body.get("event")
-        if not isinstance(event, str) or not 0 < len(event) <= MAX_NAME_LENGTH:
-            raise ApiError(400, "INVALID_BODY", "event must be a string of 1-200 characters")
+        if not frames.is_valid_event_name(event):
+            raise ApiError(400, "INVALID_BODY", "event must be a string of 1-200 characters, not starting with $")
         key = body.get("idempotency_key", self.request.headers.get("Idempotency-Key"))
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_NAME_LENGTH):
             raise ApiError(400, "INVALID_BODY", "idempotency_key must be a string of 1-200 characters")
+        deliver_at = scheduled_time(body)
+        if deliver_at is not None:
+            with service_errors():
+                item = await self.eddy.schedule(self.identity, channel, event, body.get("data"), deliver_at,
+                                                idempotency_key=key)
+            self.write_json({"scheduled": scheduled_body(item)}, status=202)
+            return
         with service_errors():
             stored = await self.eddy.publish(self.identity, channel, event, body.get("data"), idempotency_key=key)
         self.set_header("Location", f"/api/channels/{stored.channel}/events?after={stored.position - 1}&limit=1")
@@ -155,6 +166,61 @@ class HistoryHandler(ApiHandler):
             return parse(raw)
         except ValueError:
             raise ApiError(400, "INVALID_PARAMETER", f"{name} must be a non-negative integer") from None
+
+
+class ScheduledHandler(ApiHandler):
+    """``GET /api/scheduled?channel=`` lists pending events; ``DELETE /api/scheduled/<id>`` cancels one."""
+
+    async def get(self, scheduled_id: str | None = None) -> None:
+        if scheduled_id:
+            raise ApiError(405, "METHOD_NOT_ALLOWED", "GET /api/scheduled lists; DELETE cancels one")
+        identity = self.authenticate()
+        channel = self.get_query_argument("channel", None)
+        if channel is not None and not frames.is_valid_channel(channel):
+            raise ApiError(400, "INVALID_CHANNEL", frames.CHANNEL_RULE_TEXT)
+        with service_errors():
+            items = await self.eddy.storage.scheduled(identity.tenant, channel)
+        self.write_json({"scheduled": [scheduled_body(item) for item in items]})
+
+    async def delete(self, scheduled_id: str | None = None) -> None:
+        identity = self.authenticate()
+        if not scheduled_id:
+            raise ApiError(405, "METHOD_NOT_ALLOWED", "DELETE /api/scheduled/<id>")
+        with service_errors():
+            removed = await self.eddy.storage.cancel_scheduled(identity.tenant, scheduled_id)
+        if removed is None:
+            raise ApiError(404, "NOT_FOUND", "no pending scheduled event with that id")
+        if removed is False:
+            raise ApiError(409, "ALREADY_PUBLISHING", "the event is being published now; it cannot be cancelled")
+        self.set_status(204)
+        self.finish()
+
+
+def scheduled_time(body: dict[str, Any]) -> float | None:
+    """``deliver_at`` (ISO-8601) or ``delay_s`` (seconds) as seconds since the epoch; None when neither."""
+    deliver_at, delay = body.get("deliver_at"), body.get("delay_s")
+    if deliver_at is not None and delay is not None:
+        raise ApiError(400, "INVALID_BODY", "give deliver_at or delay_s, not both")
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_DELAY:
+            raise ApiError(400, "INVALID_BODY", f"delay_s must be a number of seconds from 0 to {MAX_DELAY}")
+        return time.time() + delay
+    if deliver_at is not None:
+        try:
+            moment = datetime.fromisoformat(str(deliver_at).replace("Z", "+00:00"))
+        except ValueError:
+            raise ApiError(400, "INVALID_BODY", "deliver_at must be an ISO-8601 time") from None
+        if moment.tzinfo is None:
+            raise ApiError(400, "INVALID_BODY", "deliver_at needs a time zone (e.g. Z)")
+        if moment.timestamp() > time.time() + MAX_DELAY:
+            raise ApiError(400, "INVALID_BODY", "deliver_at is more than a year away")
+        return moment.timestamp()
+    return None
+
+
+def scheduled_body(item) -> dict[str, Any]:
+    return {"id": item.id, "channel": item.draft.channel, "event": item.draft.event, "data": item.draft.data,
+            "deliver_at": frames.iso_timestamp(item.deliver_at), "created_at": frames.iso_timestamp(item.created_at)}
 
 
 class ReadsHandler(ApiHandler):

@@ -14,7 +14,7 @@ from typing import Any
 
 import tornado.web
 
-from storage import Event, EventDraft, History, ReadReceipt, Storage, StorageError, open_storage
+from storage import Event, EventDraft, History, ReadReceipt, ScheduledEvent, Storage, StorageError, open_storage
 
 from . import frames
 from .authorizer import ChannelRefused
@@ -26,6 +26,7 @@ from .rules import ChannelRule, Rules, builtin_decision
 from .hub import ChannelKey, Hub
 from .logs import log_request
 from .presence import PresenceTracker
+from .scheduler import Scheduler
 from .watcher import Watcher
 
 log = logging.getLogger("eddy")
@@ -48,6 +49,7 @@ class Eddy:
         self.rules = Rules.from_config(read_config_file(settings.config)[1]) if settings.config else Rules([])
         self.authorizer = JoinAuthorizer(settings.authorizer_timeout, settings.authorizer_cache_ttl)
         self.hub = Hub()
+        self.scheduler = Scheduler(self.storage, interval=settings.schedule_interval, lease=settings.schedule_lease)
         self.presence = PresenceTracker(self.storage, ttl=settings.presence_ttl, refresh=settings.presence_ttl / 3)
         #: (tenant, user) -> that user's open connections in this process, oldest first.
         self._user_connections: dict[tuple[str, str], dict[Any, None]] = {}
@@ -68,6 +70,7 @@ class Eddy:
         await self.storage.open()
         self.watcher.start(after=await self.storage.last_position())
         self.presence.start()
+        self.scheduler.start()
         if self.settings.keepalive_interval > 0:
             self._keepalive = asyncio.get_running_loop().create_task(self._send_keepalives(), name="eddy-keepalive")
 
@@ -75,6 +78,7 @@ class Eddy:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+        await self.scheduler.stop()
         await self.presence.stop()
         await self.watcher.stop()
         await self.storage.close()
@@ -184,6 +188,14 @@ class Eddy:
         draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=idempotency_key,
                            ephemeral=not self.keeps_history(channel))
         return await self.storage.append(draft)
+
+    async def schedule(self, identity: Identity, channel: str, event: str, data: Any, deliver_at: float, *,
+                       idempotency_key: str | None = None) -> ScheduledEvent:
+        """Keep an event until ``deliver_at``; the scheduler publishes it then."""
+        tenant, channel = self.authorize_publish(identity, channel)
+        draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=idempotency_key,
+                           ephemeral=not self.keeps_history(channel))
+        return await self.storage.schedule(draft, deliver_at)
 
     async def signal(self, key: ChannelKey, name: str, data: dict[str, Any]) -> None:
         """Broadcast an ephemeral protocol event (typing, read, presence) to every process."""

@@ -79,6 +79,10 @@ class Settings:
     )
     presence_ttl: float = setting(30.0, "Seconds a presence entry lives unless its process refreshes it (a third of it).")
     typing_timeout: float = setting(6.0, "Seconds after which a typing indicator without refresh is cleared.")
+    schedule_interval: float = setting(0.25, "Seconds between checks for due scheduled events.")
+    schedule_lease: float = setting(
+        30.0, "Seconds a process holds the events it claimed; after that (it died) another process publishes them."
+    )
     max_body_bytes: int = setting(1 << 20, "Largest HTTP request body accepted (413 above).")
     allowed_origins: str = setting(
         "", "Comma-separated browser origins allowed to open sockets besides the same origin; * allows any."

@@ -58,7 +58,7 @@ def iso_timestamp(seconds: float) -> str:
 
 def event_body(event: Event) -> dict[str, Any]:
     """The ``event`` frame as a dict; HTTP answers use the same shape."""
-    return {
+    body = {
         "type": "event",
         "id": event.id,
         "channel": event.channel,
@@ -66,6 +66,9 @@ def event_body(event: Event) -> dict[str, Any]:
         "timestamp": iso_timestamp(event.timestamp),
         "data": event.data,
     }
+    if event.meta is not None:
+        body["meta"] = event.meta
+    return body
 
 
 #: Event names Eddy itself uses for ephemeral protocol events; clients may not publish names starting with "$".

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "History",
     "PresenceEntry",
     "ReadReceipt",
+    "ScheduledEvent",
     "Storage",
     "StorageError",
     "StorageUnavailable",
@@ -70,6 +72,8 @@ class EventDraft:
     #: Ephemeral events reach live subscribers through the feed but never
     #: appear in history, and the store may forget them after ``EPHEMERAL_TTL``.
     ephemeral: bool = False
+    #: Facts about the delivery itself (a scheduled event's lateness), sent beside ``data``.
+    meta: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,7 @@ class Event:
     timestamp: float
     ephemeral: bool = False
     idempotency_key: str | None = None
+    meta: dict[str, Any] | None = None
 
     @property
     def id(self) -> str:
@@ -125,6 +130,26 @@ class ReadReceipt:
     user_id: str
     message_id: str
     read_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledEvent:
+    """An event waiting for ``deliver_at``; ``id`` is an opaque string."""
+
+    id: str
+    draft: EventDraft
+    deliver_at: float
+    created_at: float
+
+
+_SCHEDULE_NAMESPACE = uuid.UUID("6f0d3c1e-8f51-4c55-9a3e-5d2f1b7c9e01")
+
+
+def scheduled_id_for(draft: EventDraft) -> str:
+    """A new id, or one derived from the idempotency key so that a retried schedule is stored once."""
+    if draft.idempotency_key is None:
+        return uuid.uuid4().hex
+    return uuid.uuid5(_SCHEDULE_NAMESPACE, f"{draft.tenant}\0{draft.idempotency_key}").hex
 
 
 def parse_event_id(event_id: str | int) -> int:
@@ -221,6 +246,32 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def reads(self, tenant: str, channel: str) -> list[ReadReceipt]:
         """Each user's newest read receipt in the channel."""
+
+    # Scheduled events --------------------------------------------------------
+
+    @abc.abstractmethod
+    async def schedule(self, draft: EventDraft, deliver_at: float) -> ScheduledEvent:
+        """Keep ``draft`` until ``deliver_at`` (seconds since the epoch)."""
+
+    @abc.abstractmethod
+    async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
+        """Pending scheduled events of a tenant (one channel, or all), by ``deliver_at``."""
+
+    @abc.abstractmethod
+    async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
+        """Remove a pending event: True if removed, None if unknown, False if it is being published now."""
+
+    @abc.abstractmethod
+    async def claim_due(self, owner: str, now: float, lease: float, limit: int) -> list[ScheduledEvent]:
+        """Atomically take up to ``limit`` due events, oldest ``deliver_at`` first, for ``lease`` seconds.
+
+        An event claimed by another owner whose lease has not run out is not
+        taken; one whose lease ran out (its owner died) is taken again.
+        """
+
+    @abc.abstractmethod
+    async def complete_scheduled(self, scheduled_ids: list[str]) -> None:
+        """Forget scheduled events that have been published."""
 
     @staticmethod
     def now() -> float:

@@ -11,7 +11,17 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 
-from .base import Event, EventDraft, History, PresenceEntry, ReadReceipt, Storage, StorageUnavailable
+from .base import (
+    Event,
+    EventDraft,
+    History,
+    PresenceEntry,
+    ReadReceipt,
+    ScheduledEvent,
+    Storage,
+    StorageUnavailable,
+    scheduled_id_for,
+)
 
 #: How many events the change feed keeps for watchers that fall behind.
 FEED_SIZE = 100_000
@@ -28,6 +38,8 @@ class MemoryStorage(Storage):
         self._keys: dict[tuple[str, str], Event] = {}
         self._presence: dict[tuple[str, str], dict[str, PresenceEntry]] = {}
         self._reads: dict[tuple[str, str], dict[str, ReadReceipt]] = {}
+        #: id -> (scheduled event, owner of the claim, claim expiry)
+        self._scheduled: dict[str, tuple[ScheduledEvent, str | None, float]] = {}
         self._changed = asyncio.Condition()
         self._open = False
 
@@ -59,6 +71,7 @@ class MemoryStorage(Storage):
             timestamp=self.now(),
             ephemeral=draft.ephemeral,
             idempotency_key=draft.idempotency_key,
+            meta=draft.meta,
         )
         if draft.idempotency_key is not None:
             self._keys[(draft.tenant, draft.idempotency_key)] = event
@@ -133,6 +146,45 @@ class MemoryStorage(Storage):
     async def reads(self, tenant: str, channel: str) -> list[ReadReceipt]:
         self._check_open()
         return list(self._reads.get((tenant, channel), {}).values())
+
+    async def schedule(self, draft: EventDraft, deliver_at: float) -> ScheduledEvent:
+        self._check_open()
+        scheduled_id = scheduled_id_for(draft)
+        if scheduled_id in self._scheduled:
+            return self._scheduled[scheduled_id][0]
+        item = ScheduledEvent(scheduled_id, draft, deliver_at, self.now())
+        self._scheduled[item.id] = (item, None, 0.0)
+        return item
+
+    async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
+        self._check_open()
+        items = [i for i, _, _ in self._scheduled.values()
+                 if i.draft.tenant == tenant and (channel is None or i.draft.channel == channel)]
+        return sorted(items, key=lambda i: (i.deliver_at, i.id))
+
+    async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
+        self._check_open()
+        entry = self._scheduled.get(scheduled_id)
+        if entry is None or entry[0].draft.tenant != tenant:
+            return None
+        if entry[1] is not None and entry[2] > self.now():
+            return False
+        del self._scheduled[scheduled_id]
+        return True
+
+    async def claim_due(self, owner: str, now: float, lease: float, limit: int) -> list[ScheduledEvent]:
+        self._check_open()
+        due = sorted((i for i, claimer, until in self._scheduled.values()
+                      if i.deliver_at <= now and (claimer is None or until <= now)),
+                     key=lambda i: (i.deliver_at, i.id))[:limit]
+        for item in due:
+            self._scheduled[item.id] = (item, owner, now + lease)
+        return due
+
+    async def complete_scheduled(self, scheduled_ids: list[str]) -> None:
+        self._check_open()
+        for scheduled_id in scheduled_ids:
+            self._scheduled.pop(scheduled_id, None)
 
     def _feed_after(self, after: int) -> list[Event]:
         # Positions in the feed are consecutive, so the start is arithmetic and

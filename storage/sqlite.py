@@ -31,9 +31,11 @@ from .base import (
     History,
     PresenceEntry,
     ReadReceipt,
+    ScheduledEvent,
     Storage,
     StorageError,
     StorageUnavailable,
+    scheduled_id_for,
 )
 
 T = TypeVar("T")
@@ -47,7 +49,8 @@ CREATE TABLE IF NOT EXISTS events (
     data BLOB NOT NULL,
     timestamp REAL NOT NULL,
     ephemeral INTEGER NOT NULL DEFAULT 0,
-    idempotency_key TEXT
+    idempotency_key TEXT,
+    meta BLOB
 );
 CREATE INDEX IF NOT EXISTS events_by_channel ON events (tenant, channel, position) WHERE ephemeral = 0;
 CREATE UNIQUE INDEX IF NOT EXISTS events_by_key ON events (tenant, idempotency_key)
@@ -69,6 +72,20 @@ CREATE TABLE IF NOT EXISTS reads (
     read_at REAL NOT NULL,
     PRIMARY KEY (tenant, channel, user_id)
 );
+CREATE TABLE IF NOT EXISTS scheduled (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    event TEXT NOT NULL,
+    data BLOB NOT NULL,
+    idempotency_key TEXT,
+    deliver_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    claimed_by TEXT,
+    claimed_until REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS scheduled_by_due ON scheduled (deliver_at);
+CREATE INDEX IF NOT EXISTS scheduled_by_tenant ON scheduled (tenant, channel, deliver_at);
 CREATE TABLE IF NOT EXISTS trimmed (
     tenant TEXT NOT NULL,
     channel TEXT NOT NULL,
@@ -77,7 +94,8 @@ CREATE TABLE IF NOT EXISTS trimmed (
 );
 """
 
-COLUMNS = "position, tenant, channel, event, data, timestamp, ephemeral, idempotency_key"
+COLUMNS = "position, tenant, channel, event, data, timestamp, ephemeral, idempotency_key, meta"
+SCHEDULED_COLUMNS = "id, tenant, channel, event, data, idempotency_key, deliver_at, created_at"
 
 #: Trim a channel by size after this many appends to it in this process.
 TRIM_EVERY = 100
@@ -88,8 +106,15 @@ FEED_BATCH = 1000
 
 
 def _row_to_event(row: tuple) -> Event:
-    position, tenant, channel, event, data, timestamp, ephemeral, key = row
-    return Event(position, tenant, channel, event, orjson.loads(data), timestamp, bool(ephemeral), key)
+    position, tenant, channel, event, data, timestamp, ephemeral, key, meta = row
+    return Event(position, tenant, channel, event, orjson.loads(data), timestamp, bool(ephemeral), key,
+                 orjson.loads(meta) if meta is not None else None)
+
+
+def _row_to_scheduled(row: tuple) -> ScheduledEvent:
+    scheduled_id, tenant, channel, event, data, key, deliver_at, created_at = row
+    draft = EventDraft(tenant, channel, event, orjson.loads(data), idempotency_key=key)
+    return ScheduledEvent(scheduled_id, draft, deliver_at, created_at)
 
 
 class SQLiteStorage(Storage):
@@ -150,6 +175,9 @@ class SQLiteStorage(Storage):
                 try:
                     connection.execute("PRAGMA journal_mode = WAL")
                     connection.executescript(SCHEMA)
+                    columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
+                    if "meta" not in columns:  # a file made before scheduled events existed
+                        connection.execute("ALTER TABLE events ADD COLUMN meta BLOB")
                     break
                 except sqlite3.OperationalError as exc:
                     if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -258,13 +286,13 @@ class SQLiteStorage(Storage):
             if row is not None:
                 return _row_to_event(row)
         cursor = connection.execute(
-            "INSERT INTO events (tenant, channel, event, data, timestamp, ephemeral, idempotency_key)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (tenant, channel, event, data, timestamp, ephemeral, idempotency_key, meta)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (draft.tenant, draft.channel, draft.event, orjson.dumps(draft.data), now, int(draft.ephemeral),
-             draft.idempotency_key),
+             draft.idempotency_key, orjson.dumps(draft.meta) if draft.meta is not None else None),
         )
         return Event(cursor.lastrowid, draft.tenant, draft.channel, draft.event, draft.data, now,
-                     draft.ephemeral, draft.idempotency_key)
+                     draft.ephemeral, draft.idempotency_key, draft.meta)
 
     # Trimming ----------------------------------------------------------------
 
@@ -378,27 +406,89 @@ class SQLiteStorage(Storage):
         )
         return [ReadReceipt(*row) for row in rows]
 
-    async def _write(self, statement: str, rows: list[tuple]) -> None:
-        """Run one statement for many rows in a transaction on the writer thread."""
-        self._check_open()
-        if not rows:
-            return
+    # Scheduled events -----------------------------------------------------------
 
-        def run() -> None:
+    async def schedule(self, draft: EventDraft, deliver_at: float) -> ScheduledEvent:
+        self._check_open()
+        item = ScheduledEvent(scheduled_id_for(draft), draft, deliver_at, self.now())
+
+        def insert(connection: sqlite3.Connection) -> ScheduledEvent:
+            connection.execute(
+                f"INSERT OR IGNORE INTO scheduled ({SCHEDULED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (item.id, draft.tenant, draft.channel, draft.event, orjson.dumps(draft.data), draft.idempotency_key,
+                 deliver_at, item.created_at),
+            )
+            row = connection.execute(f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE id = ?", (item.id,)).fetchone()
+            return _row_to_scheduled(row) if row is not None else item  # None: published meanwhile
+
+        return await self._transaction(insert)
+
+    async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
+        self._check_open()
+        where, parameters = ("tenant = ?", (tenant,)) if channel is None else \
+            ("tenant = ? AND channel = ?", (tenant, channel))
+        rows = await self._read(
+            self._query, f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE {where} ORDER BY deliver_at, id", parameters)
+        return [_row_to_scheduled(row) for row in rows]
+
+    async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
+        self._check_open()
+        now = self.now()
+
+        def cancel(connection: sqlite3.Connection) -> bool | None:
+            row = connection.execute("SELECT claimed_until FROM scheduled WHERE id = ? AND tenant = ?",
+                                     (scheduled_id, tenant)).fetchone()
+            if row is None:
+                return None
+            if row[0] > now:
+                return False  # an instance is publishing it right now
+            connection.execute("DELETE FROM scheduled WHERE id = ?", (scheduled_id,))
+            return True
+
+        return await self._transaction(cancel)
+
+    async def claim_due(self, owner: str, now: float, lease: float, limit: int) -> list[ScheduledEvent]:
+        self._check_open()
+
+        def claim(connection: sqlite3.Connection) -> list[ScheduledEvent]:
+            # BEGIN IMMEDIATE makes select-then-update one atomic step across processes.
+            rows = connection.execute(
+                f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE deliver_at <= ? AND claimed_until <= ?"
+                " ORDER BY deliver_at, id LIMIT ?", (now, now, limit)).fetchall()
+            connection.executemany("UPDATE scheduled SET claimed_by = ?, claimed_until = ? WHERE id = ?",
+                                   [(owner, now + lease, row[0]) for row in rows])
+            return [_row_to_scheduled(row) for row in rows]
+
+        return await self._transaction(claim)
+
+    async def complete_scheduled(self, scheduled_ids: list[str]) -> None:
+        await self._write("DELETE FROM scheduled WHERE id = ?", [(i,) for i in scheduled_ids])
+
+    async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in one write transaction on the writer thread."""
+
+        def run() -> T:
             connection = self._writer
             assert connection is not None
             connection.execute("BEGIN IMMEDIATE")
             try:
-                connection.executemany(statement, rows)
+                result = work(connection)
                 connection.execute("COMMIT")
+                return result
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
 
         try:
-            await self._on(self._writer_pool, run)
+            return await self._on(self._writer_pool, run)
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"sqlite write failed: {exc}") from exc
+
+    async def _write(self, statement: str, rows: list[tuple]) -> None:
+        """Run one statement for many rows in a transaction on the writer thread."""
+        self._check_open()
+        if rows:
+            await self._transaction(lambda connection: connection.executemany(statement, rows))
 
     def _query(self, statement: str, parameters: tuple) -> list[tuple]:
         assert self._reader is not None

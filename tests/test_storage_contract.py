@@ -253,3 +253,34 @@ async def test_read_receipts_keep_the_newest_per_user(make_storage):
     reads = sorted(await store.reads("acme", "conv"), key=lambda r: r.user_id)
     assert [(r.user_id, r.message_id, r.read_at) for r in reads] == [("ana", "12", 3.0), ("bia", "11", 2.0)]
     assert [r.user_id for r in await store.reads("globex", "conv")] == ["zed"]
+
+
+@pytest.mark.gen_test
+async def test_scheduled_events_claims_leases_and_cancel(make_storage):
+    store = await make_storage()
+    now = time.time()
+    later = await store.schedule(draft(1), now + 60)
+    due_second = await store.schedule(draft(2), now - 1)
+    due_first = await store.schedule(draft(3), now - 2)
+    other_tenant = await store.schedule(draft(4, tenant="globex"), now - 3)
+    assert [i.id for i in await store.scheduled("acme")] == [due_first.id, due_second.id, later.id]
+    assert [i.id for i in await store.scheduled("acme", "nowhere")] == []
+
+    claimed = await store.claim_due("a", now, lease=0.3, limit=2)
+    assert [i.id for i in claimed] == [other_tenant.id, due_first.id]  # oldest due first, any tenant
+    assert claimed[1].draft.data == {"n": 3}
+    assert [i.id for i in await store.claim_due("b", now, lease=30, limit=10)] == [due_second.id]
+    assert await store.cancel_scheduled("acme", due_first.id) is False  # being published by "a"
+    assert await store.cancel_scheduled("globex", due_second.id) is None  # not that tenant's
+    await asyncio.sleep(0.35)  # "a" died: its lease ran out
+    retaken = await store.claim_due("c", time.time(), lease=30, limit=10)
+    assert [i.id for i in retaken] == [other_tenant.id, due_first.id]
+    await store.complete_scheduled([i.id for i in retaken])
+    assert [i.id for i in await store.scheduled("acme")] == [due_second.id, later.id]
+    assert await store.cancel_scheduled("acme", later.id) is True
+    assert await store.cancel_scheduled("acme", later.id) is None
+    # A retried schedule with the same idempotency key is stored once.
+    first = await store.schedule(draft(5, idempotency_key="remind-42"), now + 600)
+    again = await store.schedule(draft(5, idempotency_key="remind-42"), now + 600)
+    assert first.id == again.id
+    assert len([i for i in await store.scheduled("acme") if i.id == first.id]) == 1

@@ -1,0 +1,160 @@
+"""Scheduled and delayed events: on time, cancellable, exactly once across processes and crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from tests.support import Client, http, json_of, make_token
+from tests.test_chaos import stored_ids
+from tests.test_processes import EddyProcess
+
+
+def schedule(port: int, token: str, n: int, **when):
+    return http(port, "POST", "/api/events",
+                {"channel": "tickets", "event": "ticket.expiringSoon", "data": {"n": n}, **when}, token)
+
+
+def parse(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+@pytest.mark.gen_test
+@pytest.mark.settings(schedule_interval=0.05)
+async def test_delayed_event_is_published_when_due(http_server, http_port):
+    token = make_token("backend", tenant="parking")
+    client = await Client.connect(http_port, "/ws/tickets/stream", token)
+    await client.recv()
+    response = await schedule(http_port, token, 1, delay_s=0.4)
+    assert response.code == 202
+    item = json_of(response)["scheduled"]
+    assert item["event"] == "ticket.expiringSoon" and item["data"] == {"n": 1}
+    listed = json_of(await http(http_port, "GET", "/api/scheduled?channel=tickets", token=token))["scheduled"]
+    assert [i["id"] for i in listed] == [item["id"]]
+    assert await client.no_frame_within(0.2)  # not early
+    frame = await client.recv_type("event", timeout=3)
+    assert frame["event"] == "ticket.expiringSoon" and frame["data"] == {"n": 1}
+    assert parse(frame["timestamp"]) >= parse(item["deliver_at"]) - 0.001
+    assert frame["meta"]["scheduled_for"] == item["deliver_at"] and frame["meta"]["late"] is False
+    assert json_of(await http(http_port, "GET", "/api/scheduled", token=token))["scheduled"] == []
+    client.close()
+
+
+@pytest.mark.gen_test
+@pytest.mark.settings(schedule_interval=0.05)
+async def test_cancelled_before_due_is_never_published(http_server, http_port):
+    token = make_token("backend", tenant="parking")
+    deliver_at = datetime.fromtimestamp(time.time() + 0.4, tz=timezone.utc).isoformat()
+    item = json_of(await schedule(http_port, token, 7, deliver_at=deliver_at))["scheduled"]
+    other_tenant = make_token("x", tenant="someone-else")
+    assert (await http(http_port, "DELETE", f"/api/scheduled/{item['id']}", token=other_tenant)).code == 404
+    assert (await http(http_port, "DELETE", f"/api/scheduled/{item['id']}", token=token)).code == 204
+    assert (await http(http_port, "DELETE", f"/api/scheduled/{item['id']}", token=token)).code == 404
+    await asyncio.sleep(0.8)
+    page = json_of(await http(http_port, "GET", "/api/channels/tickets/events", token=token))
+    assert page["events"] == []
+
+
+@pytest.mark.gen_test
+async def test_scheduling_errors(http_server, http_port):
+    token = make_token()
+    for when in ({"delay_s": -1}, {"delay_s": "soon"}, {"deliver_at": "tomorrow"},
+                 {"deliver_at": "2030-01-01T00:00:00"}, {"delay_s": 1, "deliver_at": "2030-01-01T00:00:00Z"},
+                 {"delay_s": 10 ** 9}):
+        response = await schedule(http_port, token, 0, **when)
+        assert response.code == 400 and json_of(response)["code"] == "INVALID_BODY", when
+    # A retried scheduling request with the same key schedules once.
+    first = json_of(await schedule(http_port, token, 1, delay_s=60, idempotency_key="remind-1"))["scheduled"]
+    again = json_of(await schedule(http_port, token, 1, delay_s=60, idempotency_key="remind-1"))["scheduled"]
+    assert first["id"] == again["id"]
+
+
+FAST = {"EDDY_SCHEDULE_INTERVAL": "0.05", "EDDY_SCHEDULE_LEASE": "1", "EDDY_HISTORY_SIZE": "100000"}
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_two_processes_publish_each_due_event_exactly_once(tmp_path):
+    storage = f"sqlite:///{tmp_path}/eddy.db"
+    pair = [EddyProcess(tmp_path, storage, env=FAST) for _ in range(2)]
+    try:
+        for process in pair:
+            process.wait_ready()
+        token = make_token("backend", tenant="parking")
+        due = time.time() + 2.0
+        deliver = {}
+        for n in range(500):  # 500 events due within the same two seconds, scheduled through both
+            at = due + (n % 20) * 0.1
+            deliver[n] = at
+            stamp = datetime.fromtimestamp(at, tz=timezone.utc).isoformat()
+            assert (await schedule(pair[n % 2].port, token, n, deliver_at=stamp)).code == 202
+        for _ in range(100):
+            if not json_of(await http(pair[0].port, "GET", "/api/scheduled", token=token))["scheduled"]:
+                break
+            await asyncio.sleep(0.1)
+        events = []
+        after = "0"
+        while True:
+            page = json_of(await http(pair[0].port, "GET", f"/api/channels/tickets/events?after={after}&limit=1000",
+                                      token=token))
+            events += page["events"]
+            if len(page["events"]) < 1000:
+                break
+            after = page["events"][-1]["id"]
+        numbers = [e["data"]["n"] for e in events]
+        assert sorted(numbers) == list(range(500))  # every one, once
+        early = [e for e in events if parse(e["timestamp"]) < deliver[e["data"]["n"]] - 0.001]
+        assert early == []
+        lateness = sorted(parse(e["timestamp"]) - deliver[e["data"]["n"]] for e in events)
+        print(f"scheduled=500 published={len(events)} duplicates={len(numbers) - len(set(numbers))} "
+              f"lateness p50={lateness[250] * 1000:.0f} ms p99={lateness[494] * 1000:.0f} ms "
+              f"max={lateness[-1] * 1000:.0f} ms")
+    finally:
+        for process in pair:
+            process.stop()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_kill_9_while_publishing_and_downtime(tmp_path):
+    """A process killed while it holds claims loses nothing; overdue events go out at once, flagged late."""
+    storage = f"sqlite:///{tmp_path}/eddy.db"
+    token = make_token("backend", tenant="parking")
+    first = EddyProcess(tmp_path, storage, env=FAST)
+    first.wait_ready()
+    now = time.time()
+    for n in range(300):
+        # 200 due at once (being published when the kill comes), 100 due during the downtime.
+        at = now + 1.0 if n < 200 else now + 2.0 + n * 0.001
+        stamp = datetime.fromtimestamp(at, tz=timezone.utc).isoformat()
+        assert (await schedule(first.port, token, n, deliver_at=stamp)).code == 202
+    while time.time() < now + 1.0:
+        await asyncio.sleep(0.01)
+    for _ in range(200):  # kill it in the middle of publishing
+        published = len(await stored_ids(first.port, "tickets", token))
+        if published:
+            break
+        await asyncio.sleep(0.005)
+    first.process.send_signal(signal.SIGKILL)
+    await asyncio.get_running_loop().run_in_executor(None, first.process.wait, 10)
+    first.stop()
+    await asyncio.sleep(2.5)  # downtime: the rest falls due with nobody running
+
+    second = EddyProcess(tmp_path, storage, env=FAST)
+    try:
+        second.wait_ready()
+        for _ in range(150):
+            if not json_of(await http(second.port, "GET", "/api/scheduled", token=token))["scheduled"]:
+                break
+            await asyncio.sleep(0.1)
+        events = json_of(await http(second.port, "GET", "/api/channels/tickets/events?limit=1000", token=token))["events"]
+        numbers = [e["data"]["n"] for e in events]
+        print(f"published before kill={published} total={len(events)} duplicates={len(numbers) - len(set(numbers))}")
+        assert sorted(numbers) == list(range(300))
+        overdue = [e for e in events if e["data"]["n"] >= 200]
+        assert all(e["meta"]["late"] is True and e["meta"]["late_ms"] > 1000 for e in overdue)
+        assert [e["data"]["n"] for e in overdue] == sorted(e["data"]["n"] for e in overdue)  # in due order
+    finally:
+        second.stop()
