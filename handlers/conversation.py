@@ -156,6 +156,7 @@ class ConversationFrames:
         now = time.monotonic()
         self._typing_frames = [t for t in self._typing_frames if now - t < TYPING_WINDOW] + [now]
         if len(self._typing_frames) > TYPING_BURST:
+            metrics.RATE_LIMITED.labels("typing").inc()
             raise FrameError(frames.RATE_LIMITED, f"at most {TYPING_BURST} typing frames per {TYPING_WINDOW:g}s")
         timer = f"typing:{key[1]}"
         if not is_typing:

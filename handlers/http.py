@@ -64,11 +64,18 @@ class ApiHandler(tornado.web.RequestHandler):
         self.finish(orjson.dumps(body))
 
     def authenticate(self) -> Identity:
+        """The caller's identity, within its request rate (429 ``RATE_LIMITED`` above it)."""
         token = token_from_request(self.request.headers, self.get_query_argument_or_none)
         try:
-            return self.eddy.authenticate(token)
+            identity = self.eddy.authenticate(token)
         except AuthError as exc:
             raise ApiError(401, exc.code, exc.message, {"WWW-Authenticate": 'Bearer realm="eddy"'}) from None
+        empty = self.eddy.rest_buckets.take((identity.tenant, identity.user_id))
+        if empty is not None:
+            metrics.RATE_LIMITED.labels("http").inc()
+            retry = max(1, round(empty.seconds_until_token() + 0.5))
+            raise ApiError(429, "RATE_LIMITED", "too many requests for this token", {"Retry-After": str(retry)})
+        return identity
 
     def get_query_argument_or_none(self, name: str) -> str | None:
         return self.get_query_argument(name, None)

@@ -25,12 +25,34 @@ from service import frames, metrics
 from service.app import ChannelRefused, Eddy
 from service.auth import AuthError, Identity, token_from_request
 from service.hub import ChannelKey
+from service.limits import TokenBucket
 from service.logs import ConnectionLogger
 from service.rules import automatic_rooms
 
 from .conversation import ConversationFrames, FrameError, position_field
 
 log = logging.getLogger("eddy.ws")
+
+
+class InvalidText:
+    """Stands in for a text frame that is not UTF-8, so it gets an error frame instead of a dropped connection."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class EddyProtocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol, except that a text frame with invalid UTF-8 is reported, not fatal."""
+
+    def _handle_message(self, opcode: int, data: bytes):
+        if opcode == 0x1:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._run_callback(self.handler.on_message, InvalidText(len(data)))
+        return super()._handle_message(opcode, data)
 
 
 class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
@@ -70,6 +92,9 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         With ``EDDY_AUTH_TIMEOUT`` set, a request with no token at all is let
         through unauthenticated; it must send an ``authenticate`` frame in time.
         """
+        if self.eddy.connections_from(self.request.remote_ip) >= self.eddy.settings.max_connections_per_ip:
+            metrics.DROPPED.labels("connections_per_ip").inc()
+            return self._refuse(429, "TOO_MANY_CONNECTIONS", "too many connections from this address")
         token = token_from_request(self.request.headers, lambda name: self.get_query_argument(name, None))
         if token is None and self.eddy.settings.auth_timeout > 0:
             return
@@ -97,6 +122,23 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
             orjson.dumps({"type": "about:blank", "title": self._reason, "status": status, "code": code, "detail": message})
         )
 
+    def get_websocket_protocol(self):
+        if self.request.headers.get("Sec-WebSocket-Version") != "13":
+            return None
+        params = tornado.websocket._WebSocketParams(
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            max_message_size=self.max_message_size,
+            compression_options=self.get_compression_options(),
+        )
+        return EddyProtocol(self, False, params)
+
+    @property
+    def max_message_size(self) -> int:
+        # Frames up to 4x the limit are read and refused with FRAME_TOO_LARGE; beyond
+        # that Tornado closes with 1009 without buffering them.
+        return 4 * self.eddy.settings.max_frame_bytes
+
     def check_origin(self, origin: str) -> bool:
         # Only browsers send Origin. Same-origin unless EDDY_ALLOWED_ORIGINS
         # lists the page's origin (or is "*"), so a foreign page cannot ride
@@ -113,6 +155,9 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         # is a slow consumer and is closed instead of growing without limit.
         self.ws_connection.stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
         self.eddy.hub.connect(self)
+        self.eddy.count_address(self.request.remote_ip, +1)
+        self.frames = TokenBucket(self.eddy.settings.frame_rate, self.eddy.settings.frame_burst)
+        self.refused_in_a_row = 0
         metrics.CONNECTIONS.labels("websocket").inc()
         if self.identity is not None:
             self._start_session(ref=None)
@@ -149,6 +194,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         metrics.CONNECTIONS.labels("websocket").dec()
+        self.eddy.count_address(self.request.remote_ip, -1)
         self._leave_hub()
         for handle in self._timers.values():
             tornado.ioloop.IOLoop.current().remove_timeout(handle)
@@ -263,9 +309,10 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
 
     # Client frames ---------------------------------------------------------
 
-    async def on_message(self, message: str | bytes) -> None:
+    async def on_message(self, message: str | bytes | InvalidText) -> None:
         ref = None
         try:
+            self._check_rate()
             frame = self._decode(message)
             ref = self._ref(frame)
             result = self._handler_for(frame)(frame, ref)
@@ -273,18 +320,31 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
                 await result
         except FrameError as exc:
             metrics.FRAME_ERRORS.labels(exc.code).inc()
-            if exc.code == frames.RATE_LIMITED:
-                metrics.RATE_LIMITED.labels("typing").inc()
             self.send(frames.error_frame(exc.code, exc.message, ref))
         except Exception:
             metrics.FRAME_ERRORS.labels(frames.INTERNAL_ERROR).inc()
             self.log.exception("frame handler failed")
             self.send(frames.error_frame(frames.INTERNAL_ERROR, "internal error; the frame was not applied", ref))
 
-    @staticmethod
-    def _decode(message: str | bytes) -> dict[str, Any]:
+    def _check_rate(self) -> None:
+        """Token bucket per socket: an error while over the rate, a close (1008) under sustained abuse."""
+        if self.frames.take():
+            self.refused_in_a_row = 0
+            return
+        self.refused_in_a_row += 1
+        metrics.RATE_LIMITED.labels("frames").inc()
+        if self.refused_in_a_row > 2 * self.eddy.settings.frame_burst:
+            self.log.warning("closed: sustained frame flood")
+            self.close(1008, "rate limit")
+        raise FrameError(frames.RATE_LIMITED, f"more than {self.eddy.settings.frame_rate:g} frames per second")
+
+    def _decode(self, message: str | bytes | InvalidText) -> dict[str, Any]:
+        if isinstance(message, InvalidText):
+            raise FrameError(frames.INVALID_UTF8, "a text frame must be UTF-8")
         if isinstance(message, bytes):
             raise FrameError(frames.UNSUPPORTED_BINARY, "binary frames are not supported; send JSON text frames")
+        if len(message) > self.eddy.settings.max_frame_bytes:
+            raise FrameError(frames.FRAME_TOO_LARGE, f"frames are limited to {self.eddy.settings.max_frame_bytes} bytes")
         try:
             frame = orjson.loads(message)
         except orjson.JSONDecodeError:

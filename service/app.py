@@ -24,6 +24,7 @@ from .authorizer import JoinAuthorizer
 from .config import Settings, read_config_file
 from .rules import ChannelRule, Rules, builtin_decision
 from .hub import ChannelKey, Hub
+from .limits import Buckets
 from .logs import log_request
 from .presence import PresenceTracker
 from .scheduler import Scheduler
@@ -51,6 +52,8 @@ class Eddy:
         self.hub = Hub()
         self.scheduler = Scheduler(self.storage, interval=settings.schedule_interval, lease=settings.schedule_lease)
         self.presence = PresenceTracker(self.storage, ttl=settings.presence_ttl, refresh=settings.presence_ttl / 3)
+        self.rest_buckets = Buckets(settings.rest_rate, settings.rest_burst)
+        self._addresses: dict[str, int] = {}
         #: (tenant, user) -> that user's open connections in this process, oldest first.
         self._user_connections: dict[tuple[str, str], dict[Any, None]] = {}
         self.watcher = Watcher(self.storage, self.hub)
@@ -156,7 +159,18 @@ class Eddy:
             raise ChannelRefused(frames.INVALID_CHANNEL, f"{channel} does not match the id pattern {rule.id_pattern}")
         return rule
 
-    # Connections per user -----------------------------------------------------
+    # Connections per address and per user ----------------------------------------
+
+    def connections_from(self, address: str) -> int:
+        return self._addresses.get(address, 0)
+
+    def count_address(self, address: str, change: int) -> None:
+        count = self._addresses.get(address, 0) + change
+        if count > 0:
+            self._addresses[address] = count
+        else:
+            self._addresses.pop(address, None)
+
 
     def add_connection(self, identity: Identity, connection: Any) -> list[Any]:
         """Count a user's connection; returns the oldest ones now over the per-user limit."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import os
 import resource
@@ -22,6 +24,8 @@ from .logs import configure_logging
 
 log = logging.getLogger("eddy")
 
+PR_SET_PDEATHSIG = 1
+
 #: Seconds a shutdown waits for sockets to close after telling them to go.
 SHUTDOWN_GRACE = 5.0
 
@@ -38,6 +42,22 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+def exit_with_parent(parent: int) -> None:
+    """In a worker: get SIGTERM (and so shut down cleanly) when the parent process dies.
+
+    Without it, stopping or killing the parent of ``--processes N`` would leave
+    its workers serving on. Linux only; elsewhere the workers must be stopped
+    with the parent's process group.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def serve(settings: Settings) -> None:
     """Bind, optionally fork, and run until SIGTERM or SIGINT."""
     configure_logging(settings.log_level, settings.log_format)
@@ -52,7 +72,9 @@ def serve(settings: Settings) -> None:
         # it must be set before prometheus_client is first imported.
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eddy-metrics-")
+        parent = os.getpid()
         tornado.process.fork_processes(settings.processes or None)
+        exit_with_parent(parent)
     log.info(
         "eddy listening on %s:%d (storage %s, open-file limit %d)",
         settings.address, settings.port, settings.storage.split("?")[0], limit,
@@ -65,7 +87,11 @@ async def _run(settings: Settings, sockets) -> None:
 
     eddy = Eddy(settings)
     await eddy.start()
-    server = tornado.httpserver.HTTPServer(eddy.make_app(), xheaders=True)
+    server = tornado.httpserver.HTTPServer(
+        eddy.make_app(),
+        xheaders=settings.trust_proxy_headers,  # else anyone could spoof the address per-IP limits count
+        idle_connection_timeout=settings.handshake_timeout,
+    )
     server.add_sockets(sockets)
 
     stopping = asyncio.Event()

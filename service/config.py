@@ -74,6 +74,17 @@ class Settings:
     )
     max_frame_bytes: int = setting(64 * 1024, "Largest client frame accepted; larger closes with 1009.")
     max_channels_per_connection: int = setting(100, "Channels one socket may join.")
+    max_connections_per_ip: int = setting(1000, "Sockets one client address may hold per process (429 above).")
+    frame_rate: float = setting(50.0, "Client frames per second a socket may send on average (RATE_LIMITED above).")
+    frame_burst: int = setting(100, "Client frames a socket may send at once; twice this many refusals in a row close it (1008).")
+    handshake_timeout: float = setting(10.0, "Seconds a new TCP connection may take to send its request headers.")
+    rest_rate: float = setting(
+        1000.0, "HTTP requests per second one token (user) may make on average (429 above); backends publish fast."
+    )
+    rest_burst: int = setting(2000, "HTTP requests one token may make at once.")
+    trust_proxy_headers: bool = setting(
+        False, "True behind a proxy that sets X-Forwarded-For/X-Real-Ip (client addresses for per-IP limits)."
+    )
     max_connections_per_user: int = setting(
         10, "Sockets one user may hold per process; the oldest is closed (4029) when another arrives."
     )
@@ -140,8 +151,9 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for name, value in document.items():
         if name not in known:
             raise ValueError(f"{path}: unknown setting {name!r}")
-        expected = {"int": int, "float": (int, float), "str": str}[str(known[name].type)]
-        if isinstance(value, bool) or not isinstance(value, expected):
+        kind = str(known[name].type)
+        expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
+        if (isinstance(value, bool) and kind != "bool") or not isinstance(value, expected):
             raise ValueError(f"{path}: {name} must be a {known[name].type}")
         settings[name] = float(value) if str(known[name].type) == "float" else value
     return settings, rules
@@ -177,7 +189,7 @@ def described_settings() -> Iterator[tuple[str, str, str | None, Any, str]]:
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """Add a ``--flag`` for each setting declared with ``flag=True`` (default None = not given)."""
-    types = {f.name: {"int": int, "float": float, "str": str}[str(f.type)] for f in fields(Settings)}
+    types = {f.name: {"int": int, "float": float, "str": str, "bool": _parse_bool}[str(f.type)] for f in fields(Settings)}
     for name, env, flag, default, help_text in described_settings():
         if flag:
             parser.add_argument(

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
+import orjson
+
 from storage import Event
 
 from . import metrics
@@ -54,7 +56,8 @@ class Hub:
             self.unsubscribe(key, subscriber)
 
     def close_all(self, code: int, reason: str) -> None:
-        """Ask every connection to close (shutdown); they disconnect as they go."""
+        """Tell every connection to reconnect elsewhere, then close it; they disconnect as they go."""
+        self.broadcast(PreparedMessage(orjson.dumps({"type": "reconnect", "reason": reason})))
         for subscriber in tuple(self._connections):
             try:
                 subscriber.close(code, reason)

@@ -134,7 +134,7 @@ class SQLiteStorage(Storage):
         self._reader_pool: ThreadPoolExecutor | None = None
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._queue: asyncio.Queue[tuple[EventDraft, asyncio.Future[Event]]] | None = None
+        self._queue: asyncio.Queue[tuple[Callable[[sqlite3.Connection, float], Any], asyncio.Future[Any]]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         #: One event per running watcher, set after every local commit.
         self._wakeups: set[asyncio.Event] = set()
@@ -221,25 +221,29 @@ class SQLiteStorage(Storage):
         if self._closed:
             raise StorageUnavailable("sqlite storage is closed")
 
-    # Appending (group commit) ------------------------------------------------
+    # Writing (group commit) ----------------------------------------------------
 
-    async def append(self, draft: EventDraft) -> Event:
+    async def _submit(self, operation: Callable[[sqlite3.Connection, float], T]) -> T:
+        """Run ``operation(connection, now)`` in the next write transaction.
+
+        Every write waiting when a transaction starts joins it, so with
+        ``synchronous=FULL`` concurrent writers share one fsync instead of
+        paying one each. A failing batch fails every operation in it.
+        """
         self._check_open()
         assert self._queue is not None
-        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((draft, future))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((operation, future))
         return await future
 
     async def _write_batches(self) -> None:
-        """Drain the queue: everything waiting when a write starts commits in one transaction."""
         assert self._queue is not None
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            drafts = [draft for draft, _ in batch]
             try:
-                events = await self._on(self._writer_pool, self._insert, drafts)
+                results = await self._on(self._writer_pool, self._run_batch, [op for op, _ in batch])
             except asyncio.CancelledError:
                 for _, future in batch:
                     if not future.done():
@@ -252,21 +256,18 @@ class SQLiteStorage(Storage):
                         future.set_exception(error)
                 continue
             self._wake_watchers()
-            for (_, future), event in zip(batch, events):
+            for (_, future), result in zip(batch, results):
                 if not future.done():
-                    future.set_result(event)
-            await self._trim_busy_channels(events)
+                    future.set_result(result)
 
-    def _insert(self, drafts: list[EventDraft]) -> list[Event]:
+    def _run_batch(self, operations: list[Callable[[sqlite3.Connection, float], Any]]) -> list[Any]:
         connection = self._writer
         assert connection is not None
         now = self.now()
-        events: list[Event] = []
         try:
             connection.execute("BEGIN IMMEDIATE")
             try:
-                for draft in drafts:
-                    events.append(self._insert_one(connection, draft, now))
+                results = [operation(connection, now) for operation in operations]
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
@@ -274,7 +275,13 @@ class SQLiteStorage(Storage):
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"sqlite write failed: {exc}") from exc
         self.transactions += 1
-        return events
+        return results
+
+    async def append(self, draft: EventDraft) -> Event:
+        event = await self._submit(lambda connection, now: self._insert_one(connection, draft, now))
+        if not event.ephemeral:
+            self._count_for_trim(event)
+        return event
 
     @staticmethod
     def _insert_one(connection: sqlite3.Connection, draft: EventDraft, now: float) -> Event:
@@ -296,27 +303,18 @@ class SQLiteStorage(Storage):
 
     # Trimming ----------------------------------------------------------------
 
-    async def _trim_busy_channels(self, events: list[Event]) -> None:
-        due = []
-        for event in events:
-            if event.ephemeral:
-                continue
-            key = (event.tenant, event.channel)
-            count = self._appends_since_trim.get(key, 0) + 1
-            if count >= min(TRIM_EVERY, self.history_size):
-                due.append(key)
-                count = 0
-            self._appends_since_trim[key] = count
-        for tenant, channel in due:
-            try:
-                await self._on(self._writer_pool, self._trim_channel, tenant, channel)
-            except (sqlite3.Error, StorageError):
-                pass  # trimming is best effort; the next sweep tries again
+    def _count_for_trim(self, event: Event) -> None:
+        """Every few appends to a channel, trim it to ``history_size`` (in a later transaction)."""
+        key = (event.tenant, event.channel)
+        count = self._appends_since_trim.get(key, 0) + 1
+        if count >= min(TRIM_EVERY, self.history_size):
+            count = 0
+            trim = asyncio.ensure_future(self._submit(lambda connection, now: self._trim_channel(connection, *key)))
+            trim.add_done_callback(lambda f: f.cancelled() or f.exception())  # best effort; the sweep retries
+        self._appends_since_trim[key] = count
 
-    def _trim_channel(self, tenant: str, channel: str) -> None:
+    def _trim_channel(self, connection: sqlite3.Connection, tenant: str, channel: str) -> None:
         """Keep the newest ``history_size`` events of one channel."""
-        connection = self._writer
-        assert connection is not None
         row = connection.execute(
             "SELECT position FROM events WHERE tenant = ? AND channel = ? AND ephemeral = 0"
             " ORDER BY position DESC LIMIT 1 OFFSET ?",
@@ -327,35 +325,27 @@ class SQLiteStorage(Storage):
 
     @staticmethod
     def _delete_through(connection: sqlite3.Connection, tenant: str, channel: str, through: int) -> None:
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            connection.execute(
-                "INSERT INTO trimmed (tenant, channel, through) VALUES (?, ?, ?)"
-                " ON CONFLICT (tenant, channel) DO UPDATE SET through = max(through, excluded.through)",
-                (tenant, channel, through),
-            )
-            connection.execute(
-                "DELETE FROM events WHERE tenant = ? AND channel = ? AND ephemeral = 0 AND position <= ?",
-                (tenant, channel, through),
-            )
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+        """Delete a channel's events up to ``through`` and remember that they are gone (for ``lost``)."""
+        connection.execute(
+            "INSERT INTO trimmed (tenant, channel, through) VALUES (?, ?, ?)"
+            " ON CONFLICT (tenant, channel) DO UPDATE SET through = max(through, excluded.through)",
+            (tenant, channel, through),
+        )
+        connection.execute(
+            "DELETE FROM events WHERE tenant = ? AND channel = ? AND ephemeral = 0 AND position <= ?",
+            (tenant, channel, through),
+        )
 
     async def _sweep_periodically(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
-                await self._on(self._writer_pool, self.sweep)
-            except (sqlite3.Error, StorageError):
+                await self._submit(self._sweep)
+            except StorageError:
                 pass  # retried at the next sweep
 
-    def sweep(self) -> None:
-        """Delete expired events (recording what was trimmed) and old ephemeral ones."""
-        connection = self._writer
-        assert connection is not None
-        now = self.now()
+    def _sweep(self, connection: sqlite3.Connection, now: float) -> None:
+        """Delete expired events (recording what was trimmed), old ephemeral events and expired presence."""
         expired = connection.execute(
             "SELECT tenant, channel, max(position) FROM events WHERE ephemeral = 0 AND timestamp < ?"
             " GROUP BY tenant, channel",
@@ -465,30 +455,14 @@ class SQLiteStorage(Storage):
         await self._write("DELETE FROM scheduled WHERE id = ?", [(i,) for i in scheduled_ids])
 
     async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work`` in one write transaction on the writer thread."""
-
-        def run() -> T:
-            connection = self._writer
-            assert connection is not None
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(connection)
-                connection.execute("COMMIT")
-                return result
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-
-        try:
-            return await self._on(self._writer_pool, run)
-        except sqlite3.Error as exc:
-            raise StorageUnavailable(f"sqlite write failed: {exc}") from exc
+        """Run ``work(connection)`` atomically, in the next group-committed transaction."""
+        return await self._submit(lambda connection, now: work(connection))
 
     async def _write(self, statement: str, rows: list[tuple]) -> None:
-        """Run one statement for many rows in a transaction on the writer thread."""
+        """Run one statement for many rows, in the next group-committed transaction."""
         self._check_open()
         if rows:
-            await self._transaction(lambda connection: connection.executemany(statement, rows))
+            await self._submit(lambda connection, now: connection.executemany(statement, rows))
 
     def _query(self, statement: str, parameters: tuple) -> list[tuple]:
         assert self._reader is not None

@@ -12,6 +12,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HT
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"
+# Tests fire dozens of requests at once; Tornado's default is 10 in flight.
+AsyncHTTPClient.configure(None, max_clients=100)
 TIMEOUT = 5.0
 
 

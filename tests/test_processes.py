@@ -68,6 +68,11 @@ class EddyProcess:
             self.process.wait(10)
         self.log.close()
 
+    def workers(self) -> list[int]:
+        """Pids of the processes forked by ``--processes``."""
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
 
 @pytest.fixture
 def processes(tmp_path):
@@ -142,6 +147,7 @@ async def test_sigterm_tells_clients_to_go_and_exits(processes, tmp_path):
     client = await Client.connect(server.port, "/ws/tickets/stream", make_token())
     await client.recv()
     server.process.send_signal(signal.SIGTERM)
+    assert await client.recv_type("reconnect") == {"type": "reconnect", "reason": "server shutting down"}
     assert await asyncio.wait_for(client.connection.read_message(), 10) is None
     assert client.connection.close_code == 1001
     loop = asyncio.get_running_loop()
@@ -192,3 +198,13 @@ async def test_processes_flag_serves_on_every_worker_and_shares_events(processes
         client.close()
     metrics_text = (await http(server.port, "GET", "/metrics")).body.decode()
     assert "eddy_connections" in metrics_text  # summed over both workers (multiprocess mode)
+    # Killing the parent takes the workers down too (they would otherwise serve on, orphaned).
+    workers = server.workers()
+    assert len(workers) == 2
+    server.process.kill()
+    for _ in range(100):
+        if not any(os.path.exists(f"/proc/{pid}") for pid in workers):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read()
+                   for pid in workers)
