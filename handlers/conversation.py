@@ -249,12 +249,12 @@ class ConversationFrames:
             raise FrameError(exc.code, exc.message) from None
 
     def joined(self, frame: dict[str, Any]) -> ChannelKey:
-        """The key of a channel this socket has joined (typing and reads need membership)."""
+        """The key of a channel this socket has joined (leave, typing and reads need membership)."""
         assert self.identity is not None
         try:
             key = self.eddy.channel_key(self.identity, frame.get("channel"))
         except ChannelRefused as exc:
             raise FrameError(exc.code, exc.message) from None
         if key not in self.channels:
-            raise FrameError(frames.NOT_SUBSCRIBED, f"join {key[1]} first")
+            raise FrameError(frames.NOT_SUBSCRIBED, f"not subscribed to {key[1]}")
         return key

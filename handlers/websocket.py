@@ -385,13 +385,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         await self.enter_presence(key)
 
     async def on_leave(self, frame: dict[str, Any], ref: Any) -> None:
-        assert self.identity is not None
-        try:
-            key = self.eddy.channel_key(self.identity, frame.get("channel"))
-        except ChannelRefused as exc:
-            raise FrameError(exc.code, exc.message) from None
-        if key not in self.channels:
-            raise FrameError(frames.NOT_SUBSCRIBED, f"not subscribed to {key[1]}")
+        key = self.joined(frame)
         self._unsubscribe(key)
         self.send({"type": "ack", "ref": ref, "channel": key[1]})
         await self.leave_presence([key])
