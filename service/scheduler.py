@@ -3,7 +3,9 @@
 Each process polls the store for due events and *claims* a batch atomically
 for a lease (a conditional update in the store, not a process-local timer).
 It publishes each through the ordinary append with the idempotency key
-``scheduled:<id>``, then forgets the schedule. A process that dies after
+``scheduled:<id>`` (:func:`storage.publication_key`), then forgets the
+schedule; the listing stops showing an event as soon as its publication
+commits. A process that dies after
 claiming leaves the claim to expire; another process then claims the event
 again, and the idempotency key makes a second append return the first event
 instead of storing a duplicate. So every due event is published exactly once.
@@ -18,7 +20,7 @@ import os
 import time
 import uuid
 
-from storage import ScheduledEvent, Storage, StorageError
+from storage import ScheduledEvent, Storage, StorageError, publication_key
 
 from .frames import iso_timestamp
 
@@ -65,7 +67,7 @@ class Scheduler:
         late_by = max(0.0, now - item.deliver_at)
         meta = {"scheduled_for": iso_timestamp(item.deliver_at), "late": late_by > LATE_AFTER,
                 "late_ms": int(late_by * 1000)}
-        return dataclasses.replace(item.draft, idempotency_key=f"scheduled:{item.id}", meta=meta)
+        return dataclasses.replace(item.draft, idempotency_key=publication_key(item.id), meta=meta)
 
     async def _run(self) -> None:
         backoff = self.interval

@@ -28,6 +28,7 @@ from .base import (
     StorageError,
     StorageUnavailable,
     parse_event_id,
+    publication_key,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "StorageUnavailable",
     "open_storage",
     "parse_event_id",
+    "publication_key",
     "ENTRY_POINT_GROUP",
 ]
 

@@ -152,6 +152,11 @@ def scheduled_id_for(draft: EventDraft) -> str:
     return uuid.uuid5(_SCHEDULE_NAMESPACE, f"{draft.tenant}\0{draft.idempotency_key}").hex
 
 
+def publication_key(scheduled_id: str) -> str:
+    """The idempotency key a scheduled event is published with: a second publication stores nothing."""
+    return f"scheduled:{scheduled_id}"
+
+
 def parse_event_id(event_id: str | int) -> int:
     """Turn a public event id back into a position; ``ValueError`` if it is not one."""
     if isinstance(event_id, bool):
@@ -255,7 +260,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
-        """Pending scheduled events of a tenant (one channel, or all), by ``deliver_at``."""
+        """Pending scheduled events of a tenant (one channel, or all), by ``deliver_at``.
+
+        An event whose publication has committed is not pending, even before
+        the publisher has called :meth:`complete_scheduled`: a client that has
+        received the event never sees it listed as still to come.
+        """
 
     @abc.abstractmethod
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:

@@ -20,6 +20,7 @@ from .base import (
     ScheduledEvent,
     Storage,
     StorageUnavailable,
+    publication_key,
     scheduled_id_for,
 )
 
@@ -159,7 +160,8 @@ class MemoryStorage(Storage):
     async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
         self._check_open()
         items = [i for i, _, _ in self._scheduled.values()
-                 if i.draft.tenant == tenant and (channel is None or i.draft.channel == channel)]
+                 if i.draft.tenant == tenant and (channel is None or i.draft.channel == channel)
+                 and (tenant, publication_key(i.id)) not in self._keys]
         return sorted(items, key=lambda i: (i.deliver_at, i.id))
 
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:

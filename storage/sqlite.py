@@ -418,7 +418,10 @@ class SQLiteStorage(Storage):
         where, parameters = ("tenant = ?", (tenant,)) if channel is None else \
             ("tenant = ? AND channel = ?", (tenant, channel))
         rows = await self._read(
-            self._query, f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE {where} ORDER BY deliver_at, id", parameters)
+            self._query,
+            f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE {where} AND NOT EXISTS (SELECT 1 FROM events"
+            " WHERE events.tenant = scheduled.tenant AND events.idempotency_key = 'scheduled:' || scheduled.id)"
+            " ORDER BY deliver_at, id", parameters)
         return [_row_to_scheduled(row) for row in rows]
 
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:

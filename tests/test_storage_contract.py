@@ -6,13 +6,14 @@ memory and SQLite (a real file) always; MongoDB when EDDY_TEST_MONGODB_URI point
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 import uuid
 
 import pytest
 
-from storage import EventDraft, StorageError, open_storage
+from storage import EventDraft, StorageError, open_storage, publication_key
 
 BACKENDS = ["memory", "sqlite", "mongodb"]
 
@@ -284,3 +285,6 @@ async def test_scheduled_events_claims_leases_and_cancel(make_storage):
     again = await store.schedule(draft(5, idempotency_key="remind-42"), now + 600)
     assert first.id == again.id
     assert len([i for i in await store.scheduled("acme") if i.id == first.id]) == 1
+    # Once its publication commits, an event is no longer listed, even before it is completed.
+    await store.append(dataclasses.replace(first.draft, idempotency_key=publication_key(first.id)))
+    assert first.id not in [i.id for i in await store.scheduled("acme")]
