@@ -11,12 +11,8 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
-
-$(VENV)/.bench-installed: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
-	touch $@
+	touch $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/eddy serve
@@ -24,10 +20,10 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: $(VENV)/.bench-installed
+bench: $(STAMP)
 	$(PY) -m loadtests.bench $(BENCH_ARGS)
 
-loadtest: $(VENV)/.bench-installed
+loadtest: $(STAMP)
 	$(PY) -m loadtests.loadtest $(LOADTEST_ARGS)
 
 docs: $(STAMP)

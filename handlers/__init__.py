@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+import tornado.web
 
 if TYPE_CHECKING:
     from service.app import Eddy
@@ -10,6 +13,7 @@ if TYPE_CHECKING:
 
 def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
     from .http import (
+        DevTokenHandler,
         EventsHandler,
         HealthHandler,
         HistoryHandler,
@@ -23,7 +27,13 @@ def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
     from .websocket import EventSocket
 
     args = {"eddy": eddy}
+    import service
+
+    static = os.path.join(os.path.dirname(os.path.abspath(service.__file__)), "static")
     return [
+        (r"/()", tornado.web.StaticFileHandler, {"path": static, "default_filename": "index.html"}),
+        (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": static}),
+        (r"/api/dev-token", DevTokenHandler, args),
         (r"/ws", EventSocket, args),
         (r"/ws/([^/]+)/stream", EventSocket, args),
         (r"/api/events", EventsHandler, args),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 import uuid
@@ -267,6 +268,28 @@ class StatsHandler(ApiHandler):
     def get(self) -> None:
         identity = self.authenticate()
         self.write_json(self.eddy.stats(identity.tenant))
+
+
+class DevTokenHandler(ApiHandler):
+    """``POST /api/dev-token``: a token for the dashboard's development button.
+
+    Only while the development secret is in use (no ``EDDY_JWT_SECRET``) and
+    only to a caller on this machine; anywhere else it does not exist (404).
+    """
+
+    def post(self) -> None:
+        remote = self.request.remote_ip or ""
+        if self.eddy.dev_secret_file is None or not ipaddress.ip_address(remote).is_loopback:
+            raise ApiError(404, "NOT_FOUND", f"no endpoint at {self.request.path}")
+        body = parse_object(self.request.body or b"{}")
+        sub, tenant = body.get("sub", "dev"), body.get("tenant", "dev")
+        roles = body.get("roles", [])
+        if not (isinstance(sub, str) and isinstance(tenant, str) and 0 < len(sub) <= MAX_NAME_LENGTH
+                and 0 < len(tenant) <= MAX_NAME_LENGTH and isinstance(roles, list)
+                and all(isinstance(r, str) for r in roles)):
+            raise ApiError(400, "INVALID_BODY", "sub and tenant are strings of 1-200 characters, roles a list")
+        token = self.eddy.verifier.mint(sub, tenant=tenant, roles=roles, ttl=12 * 3600)
+        self.write_json({"token": token, "sub": sub, "tenant": tenant, "roles": roles, "expires_in": 12 * 3600})
 
 
 class HealthHandler(ApiHandler):
