@@ -21,7 +21,7 @@ from .authorizer import ChannelRefused
 from . import metrics
 from .auth import AuthError, Identity, TokenVerifier, resolve_secret
 from .authorizer import JoinAuthorizer
-from .config import Settings, read_config_file
+from .config import Settings, read_collection_mappings, read_config_file
 from .rules import ChannelRule, Rules, builtin_decision
 from .hub import ChannelKey, Hub
 from .limits import Buckets
@@ -71,6 +71,10 @@ class Eddy:
                 self.dev_secret_file,
             )
         await self.storage.open()
+        if self.settings.config:
+            mappings = read_collection_mappings(self.settings.config)
+            if mappings:
+                await self.storage.follow_collections(mappings)
         self.watcher.start(after=await self.storage.last_position())
         self.presence.start()
         self.scheduler.start()

@@ -143,6 +143,7 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             document = tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"cannot read config file {path}: {exc}") from None
+    document.pop("collections", None)  # read by read_collection_mappings
     rules = document.pop("channels", [])
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise ValueError(f"{path}: channels must be an array of tables ([[channels]])")
@@ -157,6 +158,15 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             raise ValueError(f"{path}: {name} must be a {known[name].type}")
         settings[name] = float(value) if str(known[name].type) == "float" else value
     return settings, rules
+
+
+def read_collection_mappings(path: str) -> list[dict[str, Any]]:
+    """The ``[[collections]]`` tables of a TOML file: application collections whose changes become events."""
+    with open(path, "rb") as handle:
+        tables = tomllib.load(handle).get("collections", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ValueError(f"{path}: collections must be an array of tables ([[collections]])")
+    return tables
 
 
 def env_name(name: str) -> str:

@@ -283,6 +283,15 @@ class Storage(abc.ABC):
     async def complete_scheduled(self, scheduled_ids: list[str]) -> None:
         """Forget scheduled events that have been published."""
 
+    # Application collections (optional) ------------------------------------
+
+    async def follow_collections(self, tables: list[dict[str, Any]]) -> None:
+        """Turn changes in the application's own collections into events (``[[collections]]``).
+
+        Only a backend with a change feed of the application's data offers it (MongoDB).
+        """
+        raise ValueError(f"{type(self).__name__} cannot watch application collections: use MongoDB storage")
+
     @staticmethod
     def now() -> float:
         return time.time()

@@ -31,7 +31,8 @@ def make_storage(request, tmp_path, io_loop):
         base = os.environ.get("EDDY_TEST_MONGODB_URI")
         if not base:
             pytest.skip("EDDY_TEST_MONGODB_URI not set: no MongoDB server on this machine")
-        return base  # the backend is expected to isolate by database name in the URI
+        # A fresh set of collections per test, on the database the URI names.
+        return f"{base}{'&' if '?' in base else '?'}eddy_prefix=t{uuid.uuid4().hex[:12]}_"
 
     async def make(**options):
         store = open_storage(url(), **options)

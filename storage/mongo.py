@@ -1,0 +1,732 @@
+"""MongoDB storage on motor: the production backend and the scale-out path.
+
+Every Eddy instance watches the same ``events`` collection through a change
+stream, so an event inserted by any instance reaches every socket on every
+instance. The driver stays behind this module: moving to PyMongo's own async
+client later touches this file only.
+
+Positions
+    A client resuming with ``since`` gets history "after position p", so
+    positions must grow in *commit* order across every writer, or a client
+    could read past an event that commits later with a smaller position.
+    ObjectIds and client clocks do not give that. Here every batch of appends
+    is one transaction that increments a single counter document and inserts
+    the events numbered from it. Two writers touching the counter conflict,
+    and MongoDB retries the loser after the winner committed, so positions are
+    handed out in commit order and are *dense*: 1, 2, 3, ... with no holes
+    (an aborted transaction gives its numbers back). Density is what makes the
+    change feed checkable: when the stream shows position p, every position
+    below p has committed and can be read from the collection.
+
+Change feed
+    ``watch(after)`` opens the change stream first, then reads the collection
+    after ``after`` (the catch-up), then follows the stream, skipping positions
+    it has handed over and filling any hole from the collection. When the
+    stream is idle it compares the counter with the last position handed over,
+    so nothing waits for the next insert to be noticed. After a network error
+    the driver resumes with the last resume token; a new ``watch`` from the
+    position the last one reached reuses that token; a lost token
+    (``ChangeStreamHistoryLost``, code 286) or an invalidated stream is
+    recovered from the collection by position and logged.
+
+Writes are group-committed: appends made while a transaction is in flight
+go together in the next one, so a burst costs a few transactions, not one
+per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import bson
+from bson.objectid import ObjectId
+from motor.motor_asyncio import AsyncIOMotorClient
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
+
+from .base import (
+    EPHEMERAL_TTL,
+    Event,
+    EventDraft,
+    History,
+    PresenceEntry,
+    ReadReceipt,
+    ScheduledEvent,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+    publication_key,
+    scheduled_id_for,
+)
+
+log = logging.getLogger("eddy.storage.mongo")
+
+#: Error codes after which a change stream cannot be resumed from its token.
+HISTORY_LOST = 286
+FATAL_STREAM_ERRORS = {HISTORY_LOST, 280, 260}
+#: Most appends one transaction carries.
+BATCH_LIMIT = 500
+#: Seconds between sweeps for events past their age.
+SWEEP_INTERVAL = 30.0
+#: Trim a channel by size after this many appends to it in this process.
+TRIM_EVERY = 100
+#: The TTL index removes events on its own this long after the sweep should have (a backstop).
+TTL_BACKSTOP = 3600.0
+#: Options of ours in the URL, removed before the driver sees it.
+OWN_OPTIONS = {"eddy_prefix", "max_await_ms", "transaction_timeout"}
+_COUNTER_ID = "events"
+
+
+def _instant(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+def _key(*parts: str) -> str:
+    return "\x00".join(parts)
+
+
+def _encodable(data: Any) -> bool:
+    try:
+        bson.encode({"data": data})
+        return True
+    except (bson.errors.InvalidDocument, OverflowError, TypeError):
+        return False
+
+
+def _store_data(document: dict[str, Any], data: Any) -> None:
+    """Data is kept as native BSON so the application can query it; JSON only when BSON cannot hold it."""
+    if _encodable(data):
+        document["data"] = data
+    else:  # e.g. integers beyond 64 bits, or keys an older server refuses
+        import orjson
+
+        document["data_json"] = orjson.dumps(data).decode()
+
+
+def _load_data(document: dict[str, Any]) -> Any:
+    if "data_json" in document:
+        import orjson
+
+        return orjson.loads(document["data_json"])
+    return document.get("data")
+
+
+def _to_event(document: dict[str, Any]) -> Event:
+    return Event(
+        position=document["position"],
+        tenant=document["tenant"],
+        channel=document["channel"],
+        event=document["event"],
+        data=_load_data(document),
+        timestamp=document["timestamp"],
+        ephemeral=document.get("ephemeral", False),
+        idempotency_key=document.get("idempotency_key"),
+        meta=document.get("meta"),
+    )
+
+
+def _to_scheduled(document: dict[str, Any]) -> ScheduledEvent:
+    draft = EventDraft(document["tenant"], document["channel"], document["event"], _load_data(document),
+                       idempotency_key=document.get("idempotency_key"))
+    return ScheduledEvent(document["_id"], draft, document["deliver_at"], document["created_at"])
+
+
+class MongoStorage(Storage):
+    """The storage contract on a MongoDB replica set (change streams need one)."""
+
+    def __init__(self, url: str, **options: float) -> None:
+        super().__init__(**options)
+        parts = urlsplit(url)
+        if parts.scheme not in ("mongodb", "mongodb+srv"):
+            raise ValueError(f"expected mongodb://host/db?replicaSet=rs0, got {url!r}")
+        ours = {k: v for k, v in parse_qsl(parts.query) if k in OWN_OPTIONS}
+        theirs = [(k, v) for k, v in parse_qsl(parts.query) if k not in OWN_OPTIONS]
+        self.url = urlunsplit(parts._replace(query=urlencode(theirs)))
+        self.database_name = parts.path.lstrip("/") or "eddy"
+        self.prefix = ours.get("eddy_prefix", "eddy_")
+        #: How long one getMore of the change stream waits for new events: short, for latency.
+        self.max_await_ms = int(ours.get("max_await_ms", 250))
+        self.transaction_timeout = float(ours.get("transaction_timeout", 10.0))
+        self.transactions = 0
+        self._client: AsyncIOMotorClient | None = None
+        self._pending: list[tuple[EventDraft, asyncio.Future[Event]]] = []
+        self._wake_writer = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._appends_since_trim: dict[tuple[str, str], int] = {}
+        #: (position, resume token) where the last watch stopped: a new watch from there resumes the stream.
+        self._resume: tuple[int, Any] | None = None
+
+    # Lifecycle -------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        # Fail fast when the server is gone (the driver's default waits 30 s); a URL option wins.
+        timeout = {} if "serverselectiontimeoutms" in self.url.lower() else {"serverSelectionTimeoutMS": 5000}
+        self._client = AsyncIOMotorClient(self.url, tz_aware=True, **timeout)
+        database = self._client[self.database_name]
+        majority = WriteConcern("majority")
+        self.events = database.get_collection(self.prefix + "events", write_concern=majority)
+        self.counters = database.get_collection(self.prefix + "counters", write_concern=majority)
+        self.trimmed = database.get_collection(self.prefix + "trimmed")
+        self.presence_entries = database.get_collection(self.prefix + "presence")
+        self.read_receipts = database.get_collection(self.prefix + "reads")
+        self.schedule_entries = database.get_collection(self.prefix + "scheduled", write_concern=majority)
+        self.checkpoints = database.get_collection(self.prefix + "checkpoints", write_concern=majority)
+        try:
+            await self._create_indexes()
+        except PyMongoError as exc:
+            self._client.close()
+            self._client = None
+            raise StorageUnavailable(f"MongoDB unavailable: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._write_batches(), name="eddy-mongo-writer"),
+                       loop.create_task(self._sweep_periodically(), name="eddy-mongo-sweeper")]
+
+    async def _create_indexes(self) -> None:
+        await self.events.create_index([("position", ASCENDING)], unique=True)
+        await self.events.create_index([("tenant", ASCENDING), ("channel", ASCENDING), ("position", ASCENDING)],
+                                       partialFilterExpression={"ephemeral": False}, name="history")
+        await self.events.create_index([("tenant", ASCENDING), ("idempotency_key", ASCENDING)], unique=True,
+                                       partialFilterExpression={"idempotency_key": {"$type": "string"}},
+                                       name="idempotency")
+        await self.events.create_index([("expire_at", ASCENDING)], expireAfterSeconds=0)
+        await self.events.create_index([("timestamp", ASCENDING)], partialFilterExpression={"ephemeral": False},
+                                       name="age")
+        await self.presence_entries.create_index([("tenant", ASCENDING), ("channel", ASCENDING)])
+        await self.presence_entries.create_index([("expire_at", ASCENDING)], expireAfterSeconds=0)
+        await self.schedule_entries.create_index([("deliver_at", ASCENDING)])
+        await self.schedule_entries.create_index(
+            [("tenant", ASCENDING), ("channel", ASCENDING), ("deliver_at", ASCENDING)])
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _, future in self._pending:
+            if not future.done():
+                future.set_exception(StorageUnavailable("MongoDB storage closed"))
+        self._pending = []
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _check_open(self) -> None:
+        if self._client is None:
+            raise StorageUnavailable("MongoDB storage is not open")
+
+    # Appends: group commit through one transaction per batch ---------------
+
+    async def append(self, draft: EventDraft) -> Event:
+        self._check_open()
+        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._pending.append((draft, future))
+        self._wake_writer.set()
+        return await future
+
+    async def _write_batches(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:BATCH_LIMIT], self._pending[BATCH_LIMIT:]
+                try:
+                    events = await asyncio.wait_for(self._commit([d for d, _ in batch]), self.transaction_timeout)
+                except (PyMongoError, asyncio.TimeoutError) as exc:
+                    failure = StorageUnavailable(f"MongoDB write failed: {exc}")
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(failure)
+                    continue
+                except Exception as exc:  # a bug must not strand the callers
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(StorageError(f"append failed: {exc!r}"))
+                    continue
+                for (_, future), event in zip(batch, events):
+                    if not future.done():
+                        future.set_result(event)
+                self._count_for_trim(events)
+
+    async def _commit(self, drafts: list[EventDraft]) -> list[Event]:
+        """Store ``drafts`` in one transaction; returns one event per draft (an earlier one for a used key)."""
+        assert self._client is not None
+        async with await self._client.start_session() as session:
+            result: list[Event] = await session.with_transaction(
+                lambda s: self._insert_batch(drafts, s),
+                read_concern=ReadConcern("snapshot"),
+                write_concern=WriteConcern("majority"),
+            )
+        self.transactions += 1
+        return result
+
+    async def _insert_batch(self, drafts: list[EventDraft], session: Any) -> list[Event]:
+        keys = {(d.tenant, d.idempotency_key) for d in drafts if d.idempotency_key is not None}
+        known: dict[tuple[str, str], Event] = {}
+        if keys:
+            query = {"$or": [{"tenant": tenant, "idempotency_key": key} for tenant, key in sorted(keys)]}
+            async for document in self.events.find(query, session=session):
+                event = _to_event(document)
+                known[(event.tenant, event.idempotency_key)] = event  # type: ignore[index]
+        # The first draft with an unused key is stored; later ones with that key get its event.
+        fresh: list[EventDraft] = []
+        taken: set[tuple[str, str]] = set()
+        for draft in drafts:
+            key = (draft.tenant, draft.idempotency_key)
+            if draft.idempotency_key is None:
+                fresh.append(draft)
+            elif key not in known and key not in taken:
+                taken.add(key)  # type: ignore[arg-type]
+                fresh.append(draft)
+        stored: list[Event] = []
+        if fresh:
+            counter = await self.counters.find_one_and_update(
+                {"_id": _COUNTER_ID}, {"$inc": {"seq": len(fresh)}}, upsert=True,
+                return_document=ReturnDocument.AFTER, session=session)
+            first = counter["seq"] - len(fresh) + 1
+            now = self.now()
+            stored = [Event(first + offset, d.tenant, d.channel, d.event, d.data, now, d.ephemeral,
+                            d.idempotency_key, d.meta) for offset, d in enumerate(fresh)]
+            await self.events.insert_many([self._document(e) for e in stored], ordered=True, session=session)
+        new_events = iter(stored)
+        result: list[Event] = []
+        for draft in drafts:
+            key = (draft.tenant, draft.idempotency_key)
+            if draft.idempotency_key is not None and key in known:
+                result.append(known[key])  # type: ignore[index]
+            else:
+                event = next(new_events)
+                if draft.idempotency_key is not None:
+                    taken.discard(key)  # type: ignore[arg-type]
+                    known[key] = event  # type: ignore[index]
+                result.append(event)
+        return result
+
+    def _document(self, event: Event) -> dict[str, Any]:
+        keep = EPHEMERAL_TTL if event.ephemeral else self.history_ttl + TTL_BACKSTOP
+        document: dict[str, Any] = {
+            "_id": event.position,
+            "position": event.position,
+            "tenant": event.tenant,
+            "channel": event.channel,
+            "event": event.event,
+            "timestamp": event.timestamp,
+            "ephemeral": event.ephemeral,
+            "expire_at": _instant(event.timestamp + keep),
+        }
+        _store_data(document, event.data)
+        if event.idempotency_key is not None:
+            document["idempotency_key"] = event.idempotency_key
+        if event.meta is not None:
+            document["meta"] = event.meta
+        return document
+
+    # History and trimming --------------------------------------------------
+
+    async def history(self, tenant: str, channel: str, *, after: int = 0, limit: int = 100) -> History:
+        self._check_open()
+        oldest_allowed = self.now() - self.history_ttl
+        try:
+            cursor = self.events.find(
+                {"tenant": tenant, "channel": channel, "ephemeral": False, "position": {"$gt": after},
+                 "timestamp": {"$gte": oldest_allowed}},
+            ).sort("position", ASCENDING).limit(max(limit, 0))
+            events = [_to_event(d) async for d in cursor] if limit > 0 else []
+            trimmed = await self.trimmed.find_one({"_id": _key(tenant, channel)})
+            expired = await self.events.find_one(
+                {"tenant": tenant, "channel": channel, "ephemeral": False, "timestamp": {"$lt": oldest_allowed}},
+                sort=[("position", DESCENDING)], projection={"position": 1})
+        except PyMongoError as exc:
+            raise StorageUnavailable(f"MongoDB read failed: {exc}") from exc
+        through = max((trimmed or {}).get("through", 0), (expired or {}).get("position", 0))
+        return History(events=events, lost=after < through)
+
+    def _count_for_trim(self, events: list[Event]) -> None:
+        for event in events:
+            if event.ephemeral:
+                continue
+            key = (event.tenant, event.channel)
+            self._appends_since_trim[key] = self._appends_since_trim.get(key, 0) + 1
+            if self._appends_since_trim[key] >= min(TRIM_EVERY, self.history_size):
+                self._appends_since_trim[key] = 0
+                asyncio.get_running_loop().create_task(self._trim_channel(*key))
+
+    async def _trim_channel(self, tenant: str, channel: str) -> None:
+        try:
+            beyond = await self.events.find_one(
+                {"tenant": tenant, "channel": channel, "ephemeral": False},
+                sort=[("position", DESCENDING)], skip=self.history_size, projection={"position": 1})
+            if beyond is not None:
+                await self._delete_through(tenant, channel, beyond["position"])
+        except PyMongoError as exc:
+            log.warning("trimming %s/%s failed (will retry later): %s", tenant, channel, exc)
+
+    async def _delete_through(self, tenant: str, channel: str, through: int) -> None:
+        """Record the trim first, so a reader never sees events missing without ``lost``."""
+        await self.trimmed.update_one({"_id": _key(tenant, channel)}, {"$max": {"through": through}}, upsert=True)
+        await self.events.delete_many({"tenant": tenant, "channel": channel, "ephemeral": False,
+                                       "position": {"$lte": through}})
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self._sweep(self.now())
+            except PyMongoError as exc:
+                log.warning("sweeping expired events failed (will retry): %s", exc)
+
+    async def _sweep(self, now: float) -> None:
+        pipeline = [{"$match": {"ephemeral": False, "timestamp": {"$lt": now - self.history_ttl}}},
+                    {"$group": {"_id": {"tenant": "$tenant", "channel": "$channel"}, "through": {"$max": "$position"}}}]
+        async for group in self.events.aggregate(pipeline):
+            await self._delete_through(group["_id"]["tenant"], group["_id"]["channel"], group["through"])
+
+    # The change feed -------------------------------------------------------
+
+    async def last_position(self) -> int:
+        self._check_open()
+        try:
+            counter = await self.counters.find_one({"_id": _COUNTER_ID})
+        except PyMongoError as exc:
+            raise StorageUnavailable(f"MongoDB unavailable: {exc}") from exc
+        return int(counter["seq"]) if counter else 0
+
+    async def _events_between(self, after: int, before: int | None = None) -> list[Event]:
+        bounds: dict[str, int] = {"$gt": after}
+        if before is not None:
+            bounds["$lt"] = before
+        return [_to_event(d) async for d in self.events.find({"position": bounds}).sort("position", ASCENDING)]
+
+    async def watch(self, after: int) -> AsyncIterator[Event]:
+        self._check_open()
+        last = after
+        token = self._resume[1] if self._resume is not None and self._resume[0] == after else None
+        try:
+            while True:
+                options: dict[str, Any] = {"max_await_time_ms": self.max_await_ms}
+                if token is not None:
+                    options["resume_after"] = token
+                try:
+                    async with self.events.watch([{"$match": {"operationType": "insert"}}], **options) as stream:
+                        # The stream is open: whatever commits from here on is in it; the rest is in the collection.
+                        for event in await self._events_between(last):
+                            yield event
+                            last = event.position
+                        while stream.alive:
+                            change = await stream.try_next()
+                            token = stream.resume_token
+                            if change is None:
+                                if await self.last_position() > last:  # committed but not (yet) shown by the stream
+                                    for event in await self._events_between(last):
+                                        yield event
+                                        last = event.position
+                                continue
+                            event = _to_event(change["fullDocument"])
+                            if event.position <= last:
+                                continue
+                            if event.position > last + 1:
+                                for missing in await self._events_between(last, event.position):
+                                    yield missing
+                                    last = missing.position
+                                if last + 1 != event.position:
+                                    log.error("events %d..%d are gone from the collection before being watched",
+                                              last + 1, event.position - 1)
+                            yield event
+                            last = event.position
+                            self._resume = (last, token)
+                        log.warning("change stream invalidated after position %d; recovering from the collection",
+                                    last)
+                        token = None
+                except OperationFailure as exc:
+                    if exc.code not in FATAL_STREAM_ERRORS:
+                        raise
+                    log.warning("change stream cannot resume (%s, code %s); recovering from the events collection "
+                                "after position %d", exc.details.get("codeName") if exc.details else "", exc.code,
+                                last)
+                    token = None
+        except PyMongoError as exc:
+            self._resume = (last, token) if token is not None else None
+            raise StorageUnavailable(f"MongoDB change stream failed: {exc}") from exc
+
+    async def ping(self) -> None:
+        self._check_open()
+        assert self._client is not None
+        try:
+            await self._client.admin.command("ping")
+        except PyMongoError as exc:
+            raise StorageUnavailable(f"MongoDB unavailable: {exc}") from exc
+
+    # Presence and read receipts --------------------------------------------
+
+    async def save_presence(self, entries: list[PresenceEntry]) -> None:
+        self._check_open()
+        if not entries:
+            return
+        from pymongo import ReplaceOne
+
+        requests = [ReplaceOne({"_id": _key(e.tenant, e.channel, e.connection_id)},
+                               {**dataclasses.asdict(e), "expire_at": _instant(e.expires_at)}, upsert=True)
+                    for e in entries]
+        await self._write(self.presence_entries.bulk_write(requests, ordered=False))
+
+    async def remove_presence(self, connection_id: str, channels: list[tuple[str, str]]) -> None:
+        self._check_open()
+        if channels:
+            ids = [_key(tenant, channel, connection_id) for tenant, channel in channels]
+            await self._write(self.presence_entries.delete_many({"_id": {"$in": ids}}))
+
+    async def presence(self, tenant: str, channel: str) -> list[PresenceEntry]:
+        self._check_open()
+        query = {"tenant": tenant, "channel": channel, "expires_at": {"$gt": self.now()}}
+        fields = {f.name for f in dataclasses.fields(PresenceEntry)}
+        documents = await self._read(self.presence_entries.find(query).to_list(None))
+        return [PresenceEntry(**{k: v for k, v in d.items() if k in fields}) for d in documents]
+
+    async def save_read(self, tenant: str, channel: str, receipt: ReadReceipt) -> None:
+        self._check_open()
+        document = {"tenant": tenant, "channel": channel, **dataclasses.asdict(receipt)}
+        await self._write(self.read_receipts.replace_one({"_id": _key(tenant, channel, receipt.user_id)},
+                                                         document, upsert=True))
+
+    async def reads(self, tenant: str, channel: str) -> list[ReadReceipt]:
+        self._check_open()
+        documents = await self._read(self.read_receipts.find({"tenant": tenant, "channel": channel}).to_list(None))
+        return [ReadReceipt(d["user_id"], d["message_id"], d["read_at"]) for d in documents]
+
+    # Scheduled events --------------------------------------------------------
+
+    async def schedule(self, draft: EventDraft, deliver_at: float) -> ScheduledEvent:
+        self._check_open()
+        item = ScheduledEvent(scheduled_id_for(draft), draft, deliver_at, self.now())
+        document: dict[str, Any] = {"_id": item.id, "tenant": draft.tenant, "channel": draft.channel,
+                                    "event": draft.event, "deliver_at": deliver_at, "created_at": item.created_at,
+                                    "owner": None, "claimed_until": 0.0}
+        _store_data(document, draft.data)
+        if draft.idempotency_key is not None:
+            document["idempotency_key"] = draft.idempotency_key
+        try:
+            await self.schedule_entries.insert_one(document)
+        except DuplicateKeyError:
+            existing = await self._read(self.schedule_entries.find_one({"_id": item.id}))
+            return _to_scheduled(existing) if existing else item
+        except PyMongoError as exc:
+            raise StorageUnavailable(f"MongoDB write failed: {exc}") from exc
+        return item
+
+    async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
+        self._check_open()
+        query: dict[str, Any] = {"tenant": tenant}
+        if channel is not None:
+            query["channel"] = channel
+        documents = await self._read(self.schedule_entries.find(query).sort([("deliver_at", 1), ("_id", 1)])
+                                     .to_list(None))
+        items = [_to_scheduled(d) for d in documents]
+        if not items:
+            return []
+        keys = [publication_key(i.id) for i in items]
+        published = await self._read(self.events.distinct(
+            "idempotency_key", {"tenant": tenant, "idempotency_key": {"$in": keys}}))
+        return [i for i in items if publication_key(i.id) not in set(published)]
+
+    async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
+        self._check_open()
+        now = self.now()
+        deleted = await self._write(self.schedule_entries.delete_one(
+            {"_id": scheduled_id, "tenant": tenant, "claimed_until": {"$lte": now}}))
+        if deleted.deleted_count:
+            return True
+        exists = await self._read(self.schedule_entries.find_one({"_id": scheduled_id, "tenant": tenant}))
+        return None if exists is None else False
+
+    async def claim_due(self, owner: str, now: float, lease: float, limit: int) -> list[ScheduledEvent]:
+        self._check_open()
+        claimed = []
+        for _ in range(limit):
+            # One conditional update per event: atomic, so two instances never hold the same claim.
+            document = await self._write(self.schedule_entries.find_one_and_update(
+                {"deliver_at": {"$lte": now}, "claimed_until": {"$lte": now}},
+                {"$set": {"owner": owner, "claimed_until": now + lease}},
+                sort=[("deliver_at", ASCENDING), ("_id", ASCENDING)], return_document=ReturnDocument.AFTER))
+            if document is None:
+                break
+            claimed.append(_to_scheduled(document))
+        return claimed
+
+    async def complete_scheduled(self, scheduled_ids: list[str]) -> None:
+        self._check_open()
+        if scheduled_ids:
+            await self._write(self.schedule_entries.delete_many({"_id": {"$in": scheduled_ids}}))
+
+    # Application collections -------------------------------------------------
+
+    async def follow_collections(self, tables: list[dict[str, Any]]) -> None:
+        self._check_open()
+        mappings = [CollectionMapping.from_table(t) for t in tables]
+        feed = CollectionFeed(self, mappings)
+        self._tasks.append(asyncio.get_running_loop().create_task(feed.run(), name="eddy-mongo-collections"))
+
+    # Helpers -------------------------------------------------------------------
+
+    @staticmethod
+    async def _write(operation: Any) -> Any:
+        try:
+            return await operation
+        except PyMongoError as exc:
+            raise StorageUnavailable(f"MongoDB write failed: {exc}") from exc
+
+    @staticmethod
+    async def _read(operation: Any) -> Any:
+        try:
+            return await operation
+        except PyMongoError as exc:
+            raise StorageUnavailable(f"MongoDB read failed: {exc}") from exc
+
+
+# Watching the application's own collections ------------------------------------
+
+_FIELD = re.compile(r"\{([A-Za-z0-9_.]+)\}")
+_OPERATIONS = {"insert", "update", "replace", "delete"}
+
+
+def _field(document: dict[str, Any], dotted: str) -> Any:
+    value: Any = document
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    """BSON values an application stores, as JSON an event can carry."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    if isinstance(value, bson.decimal128.Decimal128):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionMapping:
+    """One ``[[collections]]`` table: which changes of which collection become which event."""
+
+    collection: str
+    operation: str
+    event: str
+    channel: str
+    tenant_field: str = ""
+    tenant: str = ""
+    #: For updates: fields that must *become* these values in this change (e.g. status = "Completed").
+    when: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> CollectionMapping:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(table) - known
+        if unknown:
+            raise ValueError(f"[[collections]]: unknown keys {sorted(unknown)}")
+        for name in ("collection", "operation", "event", "channel"):
+            if not isinstance(table.get(name), str) or not table[name]:
+                raise ValueError(f"[[collections]]: {name} is required (a string)")
+        if table["operation"] not in _OPERATIONS:
+            raise ValueError(f"[[collections]]: operation must be one of {sorted(_OPERATIONS)}")
+        if not (table.get("tenant_field") or table.get("tenant")):
+            raise ValueError("[[collections]]: give tenant_field (a document field) or tenant (a fixed tenant)")
+        if not isinstance(table.get("when", {}), dict):
+            raise ValueError("[[collections]]: when is a table of field = value")
+        return cls(**table)
+
+    def draft_for(self, change: dict[str, Any]) -> EventDraft | None:
+        """The event this change means under this mapping, or None when it does not apply."""
+        if change.get("operationType") != self.operation or change.get("ns", {}).get("coll") != self.collection:
+            return None
+        document = change.get("fullDocument") or change.get("fullDocumentBeforeChange") or {}
+        if self.operation == "update":
+            updated = (change.get("updateDescription") or {}).get("updatedFields", {})
+            if any(updated.get(name, object()) != value for name, value in self.when.items()):
+                return None
+        elif any(_field(document, name) != value for name, value in self.when.items()):
+            return None
+        if not document:
+            document = dict(change.get("documentKey") or {})
+        tenant = str(_field(document, self.tenant_field)) if self.tenant_field else self.tenant
+        if self.tenant_field and _field(document, self.tenant_field) is None:
+            if not self.tenant:
+                log.warning("%s change without %s: no event", self.collection, self.tenant_field)
+                return None
+            tenant = self.tenant
+        channel = _FIELD.sub(lambda m: str(_jsonable(_field(document, m.group(1)))), self.channel)
+        data = _jsonable(document)
+        # The resume token is the same on every instance: one event per change, however many watch.
+        key = f"change:{self.collection}:{self.operation}:{self.event}:{change['_id']['_data']}"
+        return EventDraft(tenant, channel, self.event, data, idempotency_key=key)
+
+
+class CollectionFeed:
+    """Turns changes in the application's collections into Eddy events, resuming from a stored token."""
+
+    def __init__(self, storage: MongoStorage, mappings: list[CollectionMapping]) -> None:
+        self.storage = storage
+        self.mappings = mappings
+        self.checkpoint_id = "collections:" + ",".join(sorted({m.collection for m in mappings}))
+
+    def pipeline(self) -> list[dict[str, Any]]:
+        return [{"$match": {"ns.coll": {"$in": sorted({m.collection for m in self.mappings})},
+                            "operationType": {"$in": sorted({m.operation for m in self.mappings})}}}]
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except (PyMongoError, StorageError) as exc:
+                log.warning("collection feed error (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _follow(self) -> None:
+        assert self.storage._client is not None
+        database = self.storage._client[self.storage.database_name]
+        saved = await self.storage.checkpoints.find_one({"_id": self.checkpoint_id})
+        options: dict[str, Any] = {"full_document": "updateLookup", "full_document_before_change": "whenAvailable",
+                                   "max_await_time_ms": self.storage.max_await_ms}
+        if saved is not None:
+            options["start_after"] = saved["token"]
+        try:
+            async with database.watch(self.pipeline(), **options) as stream:
+                async for change in stream:
+                    for mapping in self.mappings:
+                        draft = mapping.draft_for(change)
+                        if draft is not None:
+                            await self.storage.append(draft)
+                    await self.storage.checkpoints.update_one(
+                        {"_id": self.checkpoint_id},
+                        {"$set": {"token": stream.resume_token, "at": _instant(time.time())}}, upsert=True)
+        except OperationFailure as exc:
+            if exc.code not in FATAL_STREAM_ERRORS:
+                raise
+            # The oplog no longer holds where we stopped: those changes cannot be turned into events.
+            log.error("collection changes since the last checkpoint are lost to Eddy (oplog rolled over, code %s); "
+                      "following from now", exc.code)
+            await self.storage.checkpoints.delete_one({"_id": self.checkpoint_id})
