@@ -349,3 +349,15 @@ def test_collection_mappings_for_the_seed_documents():
                                       "tenant": "t"})
     with pytest.raises(ValueError, match="tenant"):
         CollectionMapping.from_table({"collection": "t", "operation": "insert", "event": "e", "channel": "c"})
+
+
+def test_the_documented_collection_mappings_are_valid():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "MONGODB.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", text, re.S)
+    tables = tomllib.loads(block)["collections"]
+    assert [CollectionMapping.from_table(t).event for t in tables] == [
+        "ticket.created", "ticket.completed", "pedido_cancelado"]
