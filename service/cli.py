@@ -19,16 +19,12 @@ import tornado.netutil
 import tornado.process
 
 from .auth import TokenVerifier, resolve_secret
-from .config import Settings, add_setting_flags
+from .config import Settings, add_setting_flags, redacted_url
 from .logs import configure_logging
 
 log = logging.getLogger("eddy")
 
 PR_SET_PDEATHSIG = 1
-
-#: Seconds a shutdown waits for sockets to close after telling them to go.
-SHUTDOWN_GRACE = 5.0
-
 
 def raise_open_file_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit (some machines default to 1024 sockets)."""
@@ -77,7 +73,7 @@ def serve(settings: Settings) -> None:
         exit_with_parent(parent)
     log.info(
         "eddy listening on %s:%d (storage %s, open-file limit %d)",
-        settings.address, settings.port, settings.storage.split("?")[0], limit,
+        settings.address, settings.port, redacted_url(settings.storage), limit,
     )
     asyncio.run(_run(settings, sockets))
 
@@ -99,15 +95,30 @@ async def _run(settings: Settings, sockets) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
+    await shutdown(eddy, server, settings.shutdown_timeout)
 
-    log.info("shutting down: closing %d connections", eddy.hub.connection_count)
+
+async def shutdown(eddy, server: tornado.httpserver.HTTPServer, timeout: float) -> None:
+    """Stop accepting, tell clients to reconnect elsewhere, drain writes, close storage: all within ``timeout``.
+
+    Half the time goes to letting clients leave on their own after the
+    ``reconnect`` frame; the rest to closing what is left and the storage.
+    Past the deadline the process exits anyway (logged), so an orchestrator's
+    kill never has to come.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    log.info("shutting down: closing %d connections (deadline %.1fs)", eddy.hub.connection_count, timeout)
     server.stop()
     eddy.hub.close_all(1001, "server shutting down")
-    deadline = loop.time() + SHUTDOWN_GRACE
-    while eddy.hub.connection_count and loop.time() < deadline:
+    polite = loop.time() + timeout / 2
+    while eddy.hub.connection_count and loop.time() < polite:
         await asyncio.sleep(0.05)
-    await server.close_all_connections()
-    await eddy.stop()
+    try:
+        await asyncio.wait_for(server.close_all_connections(), max(0.1, deadline - loop.time()))
+        await asyncio.wait_for(eddy.stop(), max(0.1, deadline - loop.time()))
+    except asyncio.TimeoutError:
+        log.error("shutdown deadline of %.1fs passed; exiting with work unfinished", timeout)
 
 
 def token(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 
 def setting(default: Any, help: str, *, flag: bool = False, secret: bool = False) -> Any:
@@ -82,6 +83,9 @@ class Settings:
         1000.0, "HTTP requests per second one token (user) may make on average (429 above); backends publish fast."
     )
     rest_burst: int = setting(2000, "HTTP requests one token may make at once.")
+    shutdown_timeout: float = setting(
+        10.0, "Seconds a SIGTERM shutdown may take (clients told to reconnect, writes drained, storage closed)."
+    )
     trust_proxy_headers: bool = setting(
         False, "True behind a proxy that sets X-Forwarded-For/X-Real-Ip (client addresses for per-IP limits)."
     )
@@ -167,6 +171,15 @@ def read_collection_mappings(path: str) -> list[dict[str, Any]]:
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ValueError(f"{path}: collections must be an array of tables ([[collections]])")
     return tables
+
+
+def redacted_url(url: str) -> str:
+    """A storage URL fit for logs: no password, no query string (it may carry credentials)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def env_name(name: str) -> str:

@@ -277,6 +277,11 @@ class SQLiteStorage(Storage):
         self.transactions += 1
         return results
 
+    async def ping(self) -> None:
+        """Answers only when the file can be read *and* written now (another process may hold the write lock)."""
+        await self.last_position()
+        await self._submit(lambda connection, now: None)
+
     async def append(self, draft: EventDraft) -> Event:
         event = await self._submit(lambda connection, now: self._insert_one(connection, draft, now))
         if not event.ephemeral:
