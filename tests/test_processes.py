@@ -28,15 +28,15 @@ class EddyProcess:
     """``python -m service serve`` in a subprocess, logs captured to a file."""
 
     def __init__(self, tmp_path: Path, storage: str, *, secret: str | None = SECRET, args: list[str] = (),
-                 cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+                 cwd: Path | None = None, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.log_path = tmp_path / f"eddy-{self.port}.log"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("EDDY_")}
         environment["PYTHONPATH"] = str(ROOT)
         if secret:
             environment["EDDY_JWT_SECRET"] = secret
         environment.update(env or {})
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--address", "127.0.0.1",
              "--storage", storage, *args],
