@@ -154,6 +154,26 @@ async def test_sigterm_tells_clients_to_go_and_exits(processes, tmp_path):
     assert await loop.run_in_executor(None, server.process.wait, 10) == 0
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_shutdown_keeps_its_deadline_with_a_client_that_never_answers(processes, tmp_path):
+    server = processes(f"sqlite:///{tmp_path}/eddy.db", env={"EDDY_SHUTDOWN_TIMEOUT": "1.5"})
+    # A client that completes the upgrade, then never reads or answers the close handshake again.
+    stuck = socket.create_connection(("127.0.0.1", server.port))
+    stuck.sendall(
+        b"GET /ws/tickets/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Authorization: Bearer " + make_token().encode() + b"\r\n\r\n")
+    assert b" 101 " in stuck.recv(1000)
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, server.process.wait, 20) == 0
+    took = time.monotonic() - started
+    stuck.close()
+    print(f"shutdown with a stuck client took {took:.2f}s (deadline 1.5s)")
+    assert took < 1.5 + 1.0
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_storage_url_errors_are_clear(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDDY_")} | {"PYTHONPATH": str(ROOT)}
