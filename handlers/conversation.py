@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from service import frames, metrics
@@ -36,10 +37,6 @@ class FrameError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class HistoryLost(Exception):
-    pass
 
 
 def string_field(frame: dict[str, Any], name: str, *, limit: int = 200) -> str:
@@ -79,12 +76,43 @@ class ConversationFrames:
         """
         self.replaying[key] = []
         self._subscribe(key)
+        try:
+            await self.replay(key, since, acknowledge=lambda: self.send({"type": "ack", "ref": ref, "channel": key[1]}))
+        except FrameError:
+            self._unsubscribe(key)
+            raise
+
+    async def resume_rooms(self, keys: list[ChannelKey], since: int) -> None:
+        """Replay the rooms subscribed at connect (put in ``replaying`` before) after ``since``.
+
+        Positions are global and a connection receives its rooms' events in
+        commit order, so the newest id a client saw on any of them is a resume
+        point for all. A room that cannot be replayed gets an error frame naming
+        it and continues live.
+        """
+        for key in keys:
+            try:
+                await self.replay(key, since, keep_live_on_error=True)
+            except FrameError as exc:
+                error = frames.error_frame(exc.code, exc.message, None)
+                error["channel"] = key[1]
+                self.send(error)
+
+    async def replay(self, key: ChannelKey, since: int, *, acknowledge: Callable[[], None] | None = None,
+                     keep_live_on_error: bool = False) -> None:
+        """Send ``key``'s stored events after ``since``, then the live ones held meanwhile that are newer.
+
+        ``key`` must already be subscribed with ``self.replaying[key]`` set.
+        Raises :class:`FrameError`; the held live events are then dropped,
+        or delivered with ``keep_live_on_error``.
+        """
         sent = since
         try:
             page = await self.eddy.storage.history(*key, after=since, limit=REPLAY_PAGE)
             if page.lost:
-                raise HistoryLost()
-            self.send({"type": "ack", "ref": ref, "channel": key[1]})
+                raise FrameError(frames.HISTORY_LOST, "events after since have been trimmed; join without since and reload")
+            if acknowledge is not None:
+                acknowledge()
             while page.events:
                 for event in page.events:
                     self.deliver_now(frames.PreparedMessage.for_event(event))
@@ -96,17 +124,16 @@ class ConversationFrames:
             # Events up to `sent` may still be on their way from a watcher that is
             # behind the store; once it has passed `sent`, everything live is newer.
             await self.eddy.watcher.passed(sent, timeout=REPLAY_CATCH_UP)
-        except asyncio.TimeoutError:
-            self.replaying.pop(key, None)
-            self._unsubscribe(key)
-            raise FrameError(frames.STORAGE_UNAVAILABLE, "the change feed is behind; retry the join") from None
-        except HistoryLost:
-            self.replaying.pop(key, None)
-            self._unsubscribe(key)
-            raise FrameError(frames.HISTORY_LOST, "events after since have been trimmed; join without since and reload")
-        except StorageUnavailable:
-            self.replaying.pop(key, None)
-            self._unsubscribe(key)
+        except (asyncio.TimeoutError, StorageUnavailable, FrameError) as exc:
+            held = self.replaying.pop(key, [])
+            if keep_live_on_error:
+                for message in held:
+                    if message.position is None or message.position > sent:
+                        self.deliver_now(message)
+            if isinstance(exc, FrameError):
+                raise
+            if isinstance(exc, asyncio.TimeoutError):
+                raise FrameError(frames.STORAGE_UNAVAILABLE, "the change feed is behind; retry the join") from None
             raise FrameError(frames.STORAGE_UNAVAILABLE, "storage is unavailable; retry the join") from None
         for message in self.replaying.pop(key, []):
             if message.position is None or message.position > sent:

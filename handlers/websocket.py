@@ -76,6 +76,8 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         self.eddy = eddy
         self.identity: Identity | None = None
         self.path_channel: ChannelKey | None = None
+        #: ``?since=`` on the handshake (or in a deferred ``authenticate``): resume the rooms joined at connect.
+        self.resume_since: int | None = None
         self.channels: set[ChannelKey] = set()
         self.automatic: set[ChannelKey] = set()
         self.connection_id = uuid.uuid4().hex
@@ -95,6 +97,10 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         if self.eddy.connections_from(self.request.remote_ip) >= self.eddy.settings.max_connections_per_ip:
             metrics.DROPPED.labels("connections_per_ip").inc()
             return self._refuse(429, "TOO_MANY_CONNECTIONS", "too many connections from this address")
+        try:
+            self.resume_since = position_field({"since": self.get_query_argument("since", None)}, "since")
+        except FrameError as exc:
+            return self._refuse(400, exc.code, "since must be an event id")
         token = token_from_request(self.request.headers, lambda name: self.get_query_argument(name, None))
         if token is None and self.eddy.settings.auth_timeout > 0:
             return
@@ -170,14 +176,17 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         assert identity is not None
         for evicted in self.eddy.add_connection(identity, self):
             evicted.close(frames.CLOSE_TOO_MANY_CONNECTIONS, "too many connections for this user")
-        for room in automatic_rooms(identity):
-            key = (identity.tenant, room)
-            self.automatic.add(key)
-            self._subscribe(key)
+        rooms = [(identity.tenant, room) for room in automatic_rooms(identity)]
+        self.automatic.update(rooms)
         if self.path_channel is not None:
             # A /ws/<channel>/stream socket is a broadcast subscriber (a dashboard,
             # a kiosk): no presence, or every connect would be announced to all of them.
-            self._subscribe(self.path_channel)
+            rooms.append(self.path_channel)
+        since = self.resume_since
+        for key in rooms:
+            if since is not None:
+                self.replaying[key] = []  # live events wait until the replay is done
+            self._subscribe(key)
         self._watch_expiry()
         connected: dict[str, Any] = {
             "type": "connected",
@@ -187,9 +196,14 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
             "channels": sorted(channel for _, channel in self.channels),
             "timestamp": frames.iso_timestamp(time.time()),
         }
+        if since is None:
+            # Everything after this id reaches the socket: resume from here if nothing arrives first.
+            connected["last_id"] = str(self.eddy.watcher.position or 0)
         if ref is not None:
             connected["ref"] = ref
         self.send(connected)
+        if since is not None:
+            self.background(self.resume_rooms(rooms, since))
         self.log.debug("open for user %s", identity.user_id)
 
     def on_close(self) -> None:
@@ -381,7 +395,8 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
             await self.join_with_replay(key, since, ref)
         else:  # already joined: it receives everything live, a replay would repeat events
             self._subscribe(key)
-            self.send({"type": "ack", "ref": ref, "channel": key[1]})
+            # Everything after this id reaches the socket: resume from here if nothing arrives first.
+            self.send({"type": "ack", "ref": ref, "channel": key[1], "last_id": str(self.eddy.watcher.position or 0)})
         await self.enter_presence(key)
 
     async def on_leave(self, frame: dict[str, Any], ref: Any) -> None:
@@ -405,6 +420,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         except AuthError as exc:
             raise FrameError(exc.code, exc.message) from None
         if self.identity is None:
+            self.resume_since = position_field(frame, "since")
             self.identity = identity
             self._cancel_timer("auth")
             try:

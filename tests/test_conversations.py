@@ -304,3 +304,4 @@ async def test_storage_outage_on_socket_frames_is_reported_and_survived(http_ser
     assert (await ana.request({"type": "authenticate", "ref": 3}))["code"] == "TOKEN_MISSING"
     assert (await ana.request({"type": "ping"}))["type"] == "pong"
     ana.close()
+

@@ -62,9 +62,11 @@ async def test_ticket_stream_walkthrough(http_server, http_port, how):
 @pytest.mark.gen_test
 async def test_join_leave_and_ping(http_server, http_port):
     client = await Client.connect(http_port, "/ws", make_token())
-    assert (await client.recv())["channels"] == ["tenant", "user:alice"]
+    connected = await client.recv()
+    assert connected["channels"] == ["tenant", "user:alice"] and connected["last_id"] == "0"
+    # The ack says from which id on everything reaches the socket: the resume point of a quiet room.
     assert await client.request({"type": "join", "channel": "orders", "ref": 7}) == {
-        "type": "ack", "ref": 7, "channel": "orders"}
+        "type": "ack", "ref": 7, "channel": "orders", "last_id": "0"}
     # Joining twice is harmless and still acked.
     assert (await client.request({"type": "join", "channel": "orders", "ref": "again"}))["ref"] == "again"
     assert await client.request({"type": "ping", "timestamp": "123"}) == {"type": "pong", "timestamp": "123"}
@@ -76,8 +78,11 @@ async def test_join_leave_and_ping(http_server, http_port):
 
     assert await client.request({"type": "leave", "channel": "orders", "ref": 8}) == {
         "type": "ack", "ref": 8, "channel": "orders"}
-    await publish(http_port, "orders", "pedido_criado", {"pedido_id": 2})
+    missed = await publish(http_port, "orders", "pedido_criado", {"pedido_id": 2})
     assert await client.no_frame_within(0.3)
+    # Rejoined without since: live from the newest id on, and the ack says which.
+    # (Positions are global: presence signals of other rooms may have moved it further.)
+    assert int((await client.request({"type": "join", "channel": "orders", "ref": 9}))["last_id"]) >= int(missed["id"])
     client.close()
 
 
@@ -341,3 +346,30 @@ async def test_slow_consumer_is_closed_while_fast_one_keeps_receiving(http_serve
     assert code == 4008
     slow.close()
     fast.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_reconnect_with_since_resumes_the_rooms_joined_at_connect(http_server, http_port):
+    token = make_token("kiosk")
+    first = await Client.connect(http_port, "/ws/tickets/stream", token)
+    assert "last_id" in await first.recv()
+    seen = (await publish(http_port, "tickets", "ticket.created", {"n": 1}, token))["id"]
+    assert (await first.recv_type("event"))["id"] == seen
+    first.close()  # away while the stream and the user's own room get events
+    missed = [(await publish(http_port, "tickets", "ticket.created", {"n": n}, token))["id"] for n in (2, 3)]
+    direct = (await publish(http_port, "user:kiosk", "notice", {"n": 4}, token))["id"]
+    again = await Client.connect(http_port, "/ws/tickets/stream", token, query=f"?since={seen}")
+    connected = await again.recv()
+    assert connected["type"] == "connected" and "last_id" not in connected
+    live = asyncio.ensure_future(publish(http_port, "tickets", "ticket.created", {"n": 5}, token))
+    received = [await again.recv_type("event") for _ in range(4)]
+    live_id = (await live)["id"]
+    by_channel = {}
+    for frame in received:
+        by_channel.setdefault(frame["channel"], []).append(frame["id"])
+    assert by_channel == {"tickets": [*missed, live_id], "user:kiosk": [direct]}  # in order, none twice
+    assert await again.no_frame_within(0.3)
+    bad = await http(http_port, "GET", "/ws/tickets/stream?since=abc", token=token,
+                     headers={"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                              "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert bad.code == 400 and json_of(bad)["code"] == "INVALID_FRAME"
