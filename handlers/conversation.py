@@ -167,13 +167,22 @@ class ConversationFrames:
         idempotency_key = frame.get("idempotency_key")
         if idempotency_key is not None:
             idempotency_key = string_field(frame, "idempotency_key")
+        # The room's live events wait until the ack is out, so the sender always sees its
+        # ack (seed 001's message_sent) before its own message comes back from the watcher.
+        holds = key not in self.replaying
+        if holds:
+            self.replaying[key] = []
         try:
             stored = await self.eddy.append(*key, event, frame.get("data"), idempotency_key=idempotency_key)
             metrics.EVENTS_PUBLISHED.labels("socket").inc()
+            self.send({"type": "ack", "ref": ref, "channel": key[1], "id": stored.id,
+                       "timestamp": frames.iso_timestamp(stored.timestamp)})
         except StorageUnavailable:
             raise FrameError(frames.STORAGE_UNAVAILABLE, "storage is unavailable; retry with the same idempotency_key") from None
-        self.send({"type": "ack", "ref": ref, "channel": key[1], "id": stored.id,
-                   "timestamp": frames.iso_timestamp(stored.timestamp)})
+        finally:
+            if holds:
+                for message in self.replaying.pop(key, []):
+                    self.deliver_now(message)
 
     async def on_typing(self, frame: dict[str, Any], ref: Any) -> None:
         key = self.joined(frame)

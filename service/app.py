@@ -242,7 +242,8 @@ class Eddy:
         """Each check's state; all ``"ok"`` means ready to serve."""
         checks = {"storage": "ok", "watcher": "ok"}
         try:
-            await asyncio.wait_for(self.storage.ping(), timeout=2.0)
+            async with asyncio.timeout(2.0):
+                await self.storage.ping()
         except (StorageError, asyncio.TimeoutError, OSError) as exc:
             checks["storage"] = f"unavailable: {type(exc).__name__}"
         if not self.watcher.running:

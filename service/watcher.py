@@ -82,7 +82,8 @@ class Watcher:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((position, future))
         try:
-            await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancellation on 3.11
+                await future
         finally:
             self._waiters = [(p, f) for p, f in self._waiters if f is not future]
 

@@ -242,7 +242,8 @@ class MongoStorage(Storage):
             while self._pending:
                 batch, self._pending = self._pending[:BATCH_LIMIT], self._pending[BATCH_LIMIT:]
                 try:
-                    events = await asyncio.wait_for(self._commit([d for d, _ in batch]), self.transaction_timeout)
+                    async with asyncio.timeout(self.transaction_timeout):
+                        events = await self._commit([d for d, _ in batch])
                 except (PyMongoError, asyncio.TimeoutError) as exc:
                     failure = StorageUnavailable(f"MongoDB write failed: {exc}")
                     for _, future in batch:

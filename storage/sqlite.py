@@ -540,17 +540,23 @@ class SQLiteStorage(Storage):
                     after = event.position
                 if len(rows) == FEED_BATCH:
                     continue
-                # Wait for a local commit, or poll data_version, which changes
-                # when any other connection (another process, too) commits.
+                # Wait for a local commit or the poll interval, then look at
+                # data_version, which changes when any other connection commits
+                # (this process's writer, or another process). A timer rather than
+                # asyncio.wait_for: on Python 3.11, wait_for can swallow a cancellation
+                # that lands as its timeout fires, and this loop runs 200 times a second.
+                loop = asyncio.get_running_loop()
                 while not self._closed:
+                    timer = loop.call_later(self.poll_interval, wakeup.set)
                     try:
-                        await asyncio.wait_for(wakeup.wait(), self.poll_interval)
+                        await wakeup.wait()
+                    finally:
+                        timer.cancel()
+                    wakeup.clear()
+                    current = await self._read(self._data_version)
+                    if current != version:
+                        version = current
                         break
-                    except asyncio.TimeoutError:
-                        current = await self._read(self._data_version)
-                        if current != version:
-                            version = current
-                            break
         finally:
             self._wakeups.discard(wakeup)
         raise StorageUnavailable("sqlite storage was closed while watching")
