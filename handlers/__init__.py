@@ -24,6 +24,7 @@ def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
         ScheduledHandler,
         StatsHandler,
     )
+    from .sse import SSEHandler
     from .websocket import EventSocket
 
     args = {"eddy": eddy}
@@ -36,6 +37,7 @@ def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/api/dev-token", DevTokenHandler, args),
         (r"/ws", EventSocket, args),
         (r"/ws/([^/]+)/stream", EventSocket, args),
+        (r"/sse", SSEHandler, args),
         (r"/api/events", EventsHandler, args),
         (r"/api/channels/([^/]+)/events", HistoryHandler, args),
         (r"/api/channels/([^/]+)/reads", ReadsHandler, args),

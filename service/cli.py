@@ -1,4 +1,4 @@
-"""The ``eddy`` command: ``eddy serve`` and ``eddy token``."""
+"""The ``eddy`` command: ``eddy serve``, ``eddy token``, and the clients ``eddy publish`` and ``eddy tail``."""
 
 from __future__ import annotations
 
@@ -128,6 +128,97 @@ def token(args: argparse.Namespace) -> None:
     print(verifier.mint(args.sub, tenant=args.tenant, roles=args.role, ttl=args.ttl or None))
 
 
+def client_token(args: argparse.Namespace, command: str) -> str:
+    """``--token``, else ``EDDY_TOKEN``; exits with a clear message (status 2) when there is neither."""
+    value = args.token or os.environ.get("EDDY_TOKEN")
+    if not value:
+        print(f"eddy {command}: no token: pass --token or set EDDY_TOKEN "
+              "(eddy token --sub USER mints one)", file=sys.stderr)
+        sys.exit(2)
+    return value
+
+
+def publish(args: argparse.Namespace) -> None:
+    """``eddy publish``: POST /api/events, print the stored event as one JSON line; exit 1 on a refusal."""
+    import orjson
+
+    from .client import EddyError, publish_http
+
+    try:
+        data = orjson.loads(args.data)
+    except orjson.JSONDecodeError as exc:
+        print(f"eddy publish: JSON is not valid JSON ({exc})", file=sys.stderr)
+        sys.exit(2)
+    secret = client_token(args, "publish")
+    try:
+        stored = asyncio.run(publish_http(args.url, secret, args.channel, args.event, data,
+                                          idempotency_key=args.idempotency_key))
+    except EddyError as exc:
+        # The problem body as the server sent it, so scripts can read its code.
+        print(orjson.dumps(exc.frame).decode() if exc.frame else f"eddy publish: {exc}", file=sys.stderr)
+        sys.exit(1)
+    sys.stdout.buffer.write(orjson.dumps(stored) + b"\n")
+    sys.stdout.flush()
+
+
+def tail(args: argparse.Namespace) -> None:
+    """``eddy tail``: every frame of the channels as one JSON line each, across reconnects, until Ctrl-C."""
+    secret = client_token(args, "tail")
+    try:
+        status = asyncio.run(_tail(args, secret))
+    except KeyboardInterrupt:
+        status = 0
+    except BrokenPipeError:  # `eddy tail … | head`
+        status = 0
+    sys.exit(status)
+
+
+async def _tail(args: argparse.Namespace, secret: str) -> int:
+    import orjson
+
+    from .client import EddyClient, EddyError
+
+    client = EddyClient(args.url, token=secret)
+    gave_up: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def write(frame: dict) -> None:
+        sys.stdout.buffer.write(orjson.dumps(frame) + b"\n")
+        sys.stdout.flush()
+
+    def on_frame(frame: dict) -> None:
+        # Events are printed by on("event"): once each, resumes de-duplicated; the client's own
+        # catch-up answers (sync_data) are printed as the events they carry.
+        if frame.get("type") not in ("event", "sync_data"):
+            write(frame)
+
+    def on_state(change: dict) -> None:
+        if change["state"] == "reconnecting":
+            print(f"eddy tail: reconnecting in {change['delay']:.1f}s ({change['reason']})", file=sys.stderr)
+        elif change["state"] == "error" and not gave_up.done():
+            gave_up.set_result(change["reason"] or "gave up")
+
+    client.on("frame", on_frame)
+    client.on("event", write)
+    client.on("state", on_state)
+    joins = [client.join(channel, since=args.since) for channel in args.channels]
+    try:
+        await client.connect()
+        for channel, joining in zip(args.channels, joins):
+            try:
+                await joining
+            except EddyError as exc:
+                print(f"eddy tail: cannot join {channel}: {exc}", file=sys.stderr)
+                return 1
+        reason = await gave_up
+    except EddyError as exc:
+        print(f"eddy tail: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print(f"eddy tail: {reason}", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eddy", description="Eddy real-time event service")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     token_parser.add_argument("--role", action="append", default=[], help="a role; repeat for several")
     token_parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (0 = never)")
     token_parser.add_argument("--storage", default=None, help="storage URL, to find the development secret")
+
+    publish_parser = commands.add_parser("publish", help="publish an event over HTTP and print it as stored")
+    publish_parser.add_argument("channel", help="channel name")
+    publish_parser.add_argument("event", help="event name")
+    publish_parser.add_argument("data", metavar="JSON", help="the event's data, as JSON ('{\"n\":1}', 'null' …)")
+    publish_parser.add_argument("--url", default="http://127.0.0.1:8888", help="the server's base URL")
+    publish_parser.add_argument("--token", default=None, help="client token (default: $EDDY_TOKEN)")
+    publish_parser.add_argument("--idempotency-key", default=None, help="store it once however often it is retried")
+
+    tail_parser = commands.add_parser("tail", help="print every frame of channels as JSON lines (reconnects)")
+    tail_parser.add_argument("channels", nargs="+", metavar="CHANNEL", help="channels to join")
+    tail_parser.add_argument("--since", default=None, help="first replay the stored events after this id")
+    tail_parser.add_argument("--url", default="ws://127.0.0.1:8888/ws", help="the server's WebSocket URL")
+    tail_parser.add_argument("--token", default=None, help="client token (default: $EDDY_TOKEN)")
     return parser
 
 
@@ -155,3 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         serve(settings)
     elif args.command == "token":
         token(args)
+    elif args.command == "publish":
+        publish(args)
+    elif args.command == "tail":
+        tail(args)
