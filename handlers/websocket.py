@@ -84,6 +84,8 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         self.log = ConnectionLogger(log, {"connection_id": self.connection_id})
         self._timers: dict[str, object] = {}
         self._background: set[asyncio.Task[None]] = set()
+        #: Frames queued in this loop iteration (see Hub.write_soon).
+        self._outbox: list[bytes] = []
         self.init_conversation()
 
     # Handshake -------------------------------------------------------------
@@ -289,11 +291,29 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
         self.deliver_now(message)
 
     def deliver_now(self, message: frames.PreparedMessage) -> None:
+        """Queue a frame; every frame queued in this loop iteration leaves in one write."""
+        if self._outbox:
+            self._outbox.append(message.websocket_frame)
+            return
+        connection = self.ws_connection
+        if connection is None or connection.is_closing():
+            return
+        self._outbox.append(message.websocket_frame)
+        self.eddy.hub.write_soon(self)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self.write_outbox()  # what was queued (a reconnect frame, an error) goes before the close
+        super().close(code, reason)
+
+    def write_outbox(self) -> None:
+        frames_out, self._outbox = self._outbox, []
+        if not frames_out:
+            return
         connection = self.ws_connection
         if connection is None or connection.is_closing():
             return
         stream = connection.stream
-        data: bytes | memoryview = message.websocket_frame
+        data: bytes | memoryview = frames_out[0] if len(frames_out) == 1 else b"".join(frames_out)
         # Fast path: with nothing queued on a plain TCP stream, one send() puts the frame in
         # the kernel's buffer. IOStream.write would also create a Future, schedule its
         # callback and touch the poller for every socket: 2-3x the cost of a fan-out.
@@ -319,6 +339,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
 
     async def flushed(self) -> None:
         """Wait until everything queued so far has been handed to the kernel."""
+        self.write_outbox()
         connection = self.ws_connection
         if connection is not None and not connection.is_closing():
             try:

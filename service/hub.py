@@ -10,6 +10,7 @@ see each other's events even when they use the same channel names.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -34,6 +35,9 @@ class Subscriber(Protocol):
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Start closing the connection with ``code``."""
 
+    def write_outbox(self) -> None:
+        """Write the frames queued since the last call (see :meth:`Hub.write_soon`)."""
+
 
 class Hub:
     def __init__(self) -> None:
@@ -43,6 +47,29 @@ class Hub:
         self.deliveries = 0
         #: Events fanned out per channel since start (for rates in /api/stats).
         self.channel_events: dict[ChannelKey, int] = {}
+        #: Subscribers with frames waiting in their outbox, written at the end of this loop iteration.
+        self._pending: list[Subscriber] = []
+
+    # Coalescing ------------------------------------------------------------
+
+    def write_soon(self, subscriber: Subscriber) -> None:
+        """Have ``subscriber.write_outbox()`` called once, at the end of this loop iteration.
+
+        A socket's frames from every event fanned out in one iteration (a burst
+        the watcher read in one go) leave in one ``send()``: the system call,
+        not the Python around it, is what a delivery costs.
+        """
+        self._pending.append(subscriber)
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self._write_pending)
+
+    def _write_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for subscriber in pending:
+            try:
+                subscriber.write_outbox()
+            except Exception:  # one broken subscriber must not starve the others
+                log.exception("writing to a subscriber failed")
 
     # Connections -----------------------------------------------------------
 

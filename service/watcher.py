@@ -19,6 +19,9 @@ from .hub import Hub
 
 log = logging.getLogger("eddy.watcher")
 
+#: Events fanned out between two yields to the event loop (they reach each socket in one write).
+BATCH = 64
+
 
 class Watcher:
     def __init__(
@@ -98,6 +101,7 @@ class Watcher:
 
     async def _run(self) -> None:
         backoff = self.initial_backoff
+        handed = 0
         while True:
             try:
                 if self.position is None:
@@ -119,8 +123,12 @@ class Watcher:
                     if self._waiters:
                         self._release_waiters()
                     backoff = self.initial_backoff
-                    # Let sockets and requests run between large fan-outs.
-                    await asyncio.sleep(0)
+                    # Events the feed hands over back to back (a burst read in one go) are fanned
+                    # out without yielding, so each socket gets them in one write; every few, let
+                    # sockets and requests run.
+                    handed += 1
+                    if handed % BATCH == 0:
+                        await asyncio.sleep(0)
                 raise RuntimeError("the storage change feed ended")
             except asyncio.CancelledError:
                 raise
