@@ -1,0 +1,1354 @@
+"""Eddy side by side with peers: fan-out throughput, delivery latency, server CPU and memory.
+
+    python -m loadtests.bench [--sockets 1000,2000,5000,10000] [--rate R] [--burst M] [--duration S]
+                              [--servers eddy,seed003,socketio,websockets] [--repeats K] [--smoke] [--charts]
+
+For each socket count, repeat and server (the order of servers rotates between
+repeats), the harness:
+
+1. starts the server as a subprocess: Eddy (``python -m service serve`` on a
+   temporary SQLite file, per-address and REST limits raised, one user per
+   socket), or a peer from ``loadtests/peers/`` (seed 003 on Starlette/uvicorn,
+   python-socketio on uvicorn, plain ``websockets``);
+2. connects N WebSocket subscribers to one channel/room from ``--clients``
+   load-generator processes (default 2, multiprocessing, each a uvloop event loop
+   with a minimal RFC 6455 client: a raw ``asyncio.Protocol`` that parses server
+   frames and answers pings; for Socket.IO it speaks the Engine.IO v4 WebSocket
+   transport itself — ``0{…}`` open, ``40`` connect, ``2``→``3`` pings,
+   ``42["event",…]`` events — so every server is measured by the same client
+   code at the same cost. python-socketio's ``AsyncClient`` needs aiohttp, which
+   is not installed, and runs its own tasks per connection: it is not used);
+3. publishes, in three phases (Eddy and the uvicorn peers by HTTP POST from a pool
+   of keep-alive connections, ``websockets`` by its publisher socket):
+   **solo** — ``--solo`` events one at a time, each once the previous one reached
+   every socket (one event's fan-out with nothing queued: the "one event to 10,000
+   sockets within 100 ms" figure); **steady** — ``rate × duration`` events at
+   ``--rate`` per second; **burst** — ``--burst`` events sent at once;
+4. has every subscriber record, per event, receive time − server ``timestamp``
+   (delivery latency; the server's clock at millisecond resolution, truncated, so
+   up to 1 ms high) and receive time − the publisher's send time carried in
+   ``data.sent`` (end to end, including queueing ahead of the server's timestamp);
+   lost = expected − received, counted per socket and event (duplicates apart);
+5. samples the server's CPU (psutil ``cpu_times``, user + system, the process and
+   its children) around each phase and its RSS every 0.2 s, and the load
+   generators' CPU, so a saturated client side is visible.
+
+Deliveries/s is the burst's deliveries over the time from its first publish to
+its last arrival. Raw results go to ``loadtests/results/bench-<timestamp>.json``
+(or ``--out``); ``--charts`` writes PNG charts to ``docs/benchmarks/``.
+``--smoke`` is 50 sockets for a few seconds on every server, no charts.
+``--profile DIR`` records each server with py-spy during the phases (set
+``BENCH_PY_SPY_FLAGS=--native`` for C frames). ``--servers`` also accepts the
+experiments ``eddy-uvloop`` and ``eddy-nogc``: Eddy's code unchanged, run on
+uvloop or with the cyclic GC disabled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import base64
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "loadtests" / "results"
+CHARTS = ROOT / "docs" / "benchmarks"
+SECRET = "bench-secret-bench-secret-bench-secret-0"
+CHANNEL = "bench"
+EVENT = "pedido_criado"
+ALL_SERVERS = ("eddy", "seed003", "socketio", "websockets")
+#: The rest of each event's data (seed 003's order fields); ``seq`` and ``sent`` are added per event.
+PAYLOAD = {"status_atual": "pendente", "cliente": "Nome do Cliente", "valor_total": "1000.00"}
+QUANTILES = 1001  # points of each run's latency quantile function kept in the JSON (for CDF charts)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def raise_open_file_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A minimal WebSocket client (both the load-generator processes and the websockets publisher use it)
+# ---------------------------------------------------------------------------------------------------------------
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame. The mask key is zero (XOR leaves the payload as is): valid, and costs nothing."""
+    length = len(payload)
+    if length < 126:
+        header = bytes((0x80 | opcode, 0x80 | length))
+    elif length <= 0xFFFF:
+        header = bytes((0x80 | opcode, 0x80 | 126)) + length.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 | opcode, 0x80 | 127)) + length.to_bytes(8, "big")
+    return header + b"\0\0\0\0" + payload
+
+
+def upgrade_request(host: str, port: int, path: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+PHASES = ("solo", "steady", "burst")
+
+
+class Recorder:
+    """Per load-generator process: what arrived, when, for which event.
+
+    Events are numbered 1..total; ``bounds[i]`` is the last seq of phase ``i``
+    (solo, steady, burst).
+    """
+
+    def __init__(self, bounds: list[int]) -> None:
+        self.total = total = bounds[-1]
+        self.phase_of = bytearray(total + 1)
+        first = 1
+        for phase, last in enumerate(bounds):
+            for seq in range(first, last + 1):
+                self.phase_of[seq] = phase
+            first = last + 1
+        phases = len(bounds)
+        self.latency = [array.array("d") for _ in range(phases)]  # ms vs server timestamp
+        self.e2e = [array.array("d") for _ in range(phases)]      # ms vs publisher send time
+        self.count = [0] * phases
+        self.duplicates = 0
+        self.unexpected = 0
+        self.last = [0.0] * phases
+        self.per_seq = [0] * (total + 1)        # per seq: deliveries
+        self.max_arrival = [0.0] * (total + 1)  # per seq: the last socket's arrival
+        self.server_ts = [0.0] * (total + 1)    # per seq: the server timestamp
+        self.sent = [0.0] * (total + 1)         # per seq: the publisher's send time
+        self._ts_cache: dict[str, float] = {}
+
+    def record(self, sub: "Subscriber", message: dict[str, Any], data: dict[str, Any]) -> None:
+        now = time.time()
+        seq = data["seq"]
+        if not 0 < seq <= self.total:
+            self.unexpected += 1
+            return
+        seen = sub.seen
+        if seen[seq]:
+            self.duplicates += 1
+            return
+        seen[seq] = 1
+        stamp = message["timestamp"]
+        ts = self._ts_cache.get(stamp)
+        if ts is None:
+            ts = self._ts_cache[stamp] = datetime.fromisoformat(stamp).timestamp()
+        phase = self.phase_of[seq]
+        self.latency[phase].append((now - ts) * 1000.0)
+        self.e2e[phase].append((now - data["sent"]) * 1000.0)
+        self.count[phase] += 1
+        self.last[phase] = now
+        self.per_seq[seq] += 1
+        if now > self.max_arrival[seq]:
+            self.max_arrival[seq] = now
+            self.server_ts[seq] = ts
+            self.sent[seq] = data["sent"]
+
+
+class Subscriber(asyncio.Protocol):
+    """One WebSocket subscriber: handshake, frame parsing, pings; events go to the recorder.
+
+    ``mode`` is ``json`` (a JSON object per text frame: Eddy, seed 003, websockets),
+    ``engineio`` (Socket.IO over the Engine.IO v4 WebSocket transport) or
+    ``publisher`` (answers pings, ignores text).
+    """
+
+    def __init__(self, request: bytes, mode: str, recorder: Recorder | None, total: int) -> None:
+        self.request = request
+        self.mode = mode
+        self.recorder = recorder
+        self.seen = bytearray(total + 1)
+        self.transport: asyncio.Transport | None = None
+        self.handshaking = True
+        self.buffer = b""
+        self.fragments: list[bytes] | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"closed before ready: {exc}"))
+
+    def send_text(self, payload: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(client_frame(0x1, payload))
+
+    def _fail(self, why: str) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(why))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.handshaking:
+            self.buffer += data
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, data = self.buffer[:end], self.buffer[end + 4:]
+            self.buffer = b""
+            if not head.startswith(b"HTTP/1.1 101"):
+                return self._fail(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+            self.handshaking = False
+            if self.mode == "publisher":
+                self.ready.set_result(None)
+            if not data:
+                return
+        buffer = self.buffer + data if self.buffer else data
+        size = len(buffer)
+        i = 0
+        while size - i >= 2:
+            first = buffer[i]
+            length = buffer[i + 1] & 0x7F
+            start = i + 2
+            if length == 126:
+                if size - i < 4:
+                    break
+                length = int.from_bytes(buffer[i + 2:i + 4], "big")
+                start = i + 4
+            elif length == 127:
+                if size - i < 10:
+                    break
+                length = int.from_bytes(buffer[i + 2:i + 10], "big")
+                start = i + 10
+            end = start + length
+            if end > size:
+                break
+            payload = buffer[start:end]
+            i = end
+            opcode = first & 0x0F
+            if opcode == 0x1 or opcode == 0x2:
+                if first & 0x80:
+                    self.on_text(payload)
+                else:
+                    self.fragments = [payload]
+            elif opcode == 0x0 and self.fragments is not None:
+                self.fragments.append(payload)
+                if first & 0x80:
+                    whole, self.fragments = b"".join(self.fragments), None
+                    self.on_text(whole)
+            elif opcode == 0x9:  # ping
+                self.transport.write(client_frame(0xA, payload))
+            elif opcode == 0x8:  # close: echo it and let the server close the TCP connection
+                if not self.closed:
+                    self.transport.write(client_frame(0x8, payload[:2]))
+                self._fail("closed by the server")
+        self.buffer = buffer[i:] if i < size else b""
+
+    def on_text(self, payload: bytes) -> None:
+        mode = self.mode
+        if mode == "json":
+            if payload[:1] != b"{":
+                return
+            message = orjson.loads(payload)
+            data = message.get("data")
+            if type(data) is dict and "seq" in data:
+                self.recorder.record(self, message, data)
+            elif not self.ready.done() and message.get("type") == "connected":
+                self.ready.set_result(None)
+        elif mode == "engineio":
+            kind = payload[:2]
+            if kind == b"42":
+                message = orjson.loads(payload[2:])[1]
+                self.recorder.record(self, message, message["data"])
+            elif payload == b"2":
+                self.send_text(b"3")
+            elif kind == b"40":
+                if not self.ready.done():
+                    self.ready.set_result(None)
+            elif payload[:1] == b"0":
+                self.send_text(b"40")
+        elif mode == "publisher" and payload == b"2":
+            self.send_text(b"3")
+
+
+async def open_subscriber(host: str, port: int, path: str, mode: str, recorder: Recorder | None, total: int,
+                          timeout: float = 30.0) -> Subscriber:
+    loop = asyncio.get_running_loop()
+    request = upgrade_request(host, port, path)
+    _, sub = await asyncio.wait_for(
+        loop.create_connection(lambda: Subscriber(request, mode, recorder, total), host, port), timeout)
+    try:
+        await asyncio.wait_for(sub.ready, timeout)
+    except BaseException:
+        if sub.transport is not None:
+            sub.transport.abort()
+        raise
+    return sub
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Load-generator processes
+# ---------------------------------------------------------------------------------------------------------------
+
+class LoadGenerator:
+    """The state of one load-generator process, driven by commands from the harness over a pipe."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.subs: list[Subscriber] = []
+        self.recorder: Recorder | None = None
+        self.done = asyncio.get_running_loop().create_future()
+
+    async def connect(self, host: str, port: int, paths: list[str], mode: str, bounds: list[int],
+                      concurrency: int) -> dict[str, Any]:
+        self.recorder = Recorder(bounds)
+        total = bounds[-1]
+        self.subs = []
+        errors: list[str] = []
+        gate = asyncio.Semaphore(concurrency)
+        started = time.monotonic()
+
+        async def one(path: str) -> None:
+            async with gate:
+                for attempt in range(4):
+                    try:
+                        self.subs.append(await open_subscriber(host, port, path, mode, self.recorder, total))
+                        return
+                    except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                        if attempt == 3:
+                            errors.append(f"{type(exc).__name__}: {exc}")
+                        await asyncio.sleep(0.2 * (attempt + 1))
+
+        await asyncio.gather(*(one(path) for path in paths))
+        return {"connected": len(self.subs), "errors": errors[:5], "error_count": len(errors),
+                "seconds": time.monotonic() - started}
+
+    def status(self) -> dict[str, Any]:
+        r = self.recorder
+        alive = sum(1 for sub in self.subs if not sub.closed)
+        return {"count": list(r.count) if r else [0] * len(PHASES), "alive": alive,
+                "per_seq": r.per_seq if r else []}
+
+    def report(self) -> dict[str, Any]:
+        r = self.recorder
+        assert r is not None
+        return {
+            "count": list(r.count), "duplicates": r.duplicates, "unexpected": r.unexpected,
+            "last": list(r.last),
+            "latency": [a.tobytes() for a in r.latency], "e2e": [a.tobytes() for a in r.e2e],
+            "max_arrival": r.max_arrival, "server_ts": r.server_ts, "sent": r.sent,
+            "alive": sum(1 for sub in self.subs if not sub.closed),
+            "cpu": sum(os.times()[:2]),
+        }
+
+    def close(self) -> dict[str, Any]:
+        for sub in self.subs:
+            if sub.transport is not None:
+                sub.transport.abort()  # RST: no TIME_WAIT left behind for the next run's ports
+        self.subs = []
+        self.recorder = None
+        return {"ok": True}
+
+    async def handle(self, message: dict[str, Any]) -> None:
+        command = message.pop("cmd")
+        ident = message.pop("id", None)
+        try:
+            if command == "connect":
+                reply = await self.connect(**message)
+            elif command == "status":
+                reply = self.status()
+            elif command == "report":
+                reply = self.report()
+            elif command == "close":
+                reply = self.close()
+            elif command == "cpu":
+                reply = {"cpu": sum(os.times()[:2])}
+            elif command == "exit":
+                self.close()
+                reply = {"ok": True}
+                if not self.done.done():
+                    self.done.set_result(None)
+            else:
+                reply = {"error": f"unknown command {command}"}
+        except Exception as exc:  # report, do not die: the harness decides
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        reply["id"] = ident
+        try:
+            self.conn.send(reply)
+        except (OSError, ValueError) as exc:
+            print(f"load generator: cannot answer {command}: {exc}", file=sys.stderr, flush=True)
+
+
+def load_generator_main(conn) -> None:
+    raise_open_file_limit()
+    import threading
+
+    import uvloop
+
+    async def main() -> None:
+        generator = LoadGenerator(conn)
+        loop = asyncio.get_running_loop()
+
+        def read_commands() -> None:  # a thread: the pipe stays blocking, the loop never waits on it
+            while True:
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):  # the harness is gone
+                    message = {"cmd": "exit"}
+                loop.call_soon_threadsafe(lambda m=message: loop.create_task(generator.handle(m)))
+                if message.get("cmd") == "exit":
+                    return
+
+        threading.Thread(target=read_commands, daemon=True).start()
+        await generator.done
+
+    uvloop.run(main())
+
+
+class GeneratorHandle:
+    """The harness's end of one load-generator process."""
+
+    def __init__(self, context) -> None:
+        import threading
+        self.lock = threading.Lock()
+        self.sent = 0
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=load_generator_main, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+
+    def _roundtrip(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        with self.lock:  # one command at a time per process
+            self.sent += 1
+            message["id"] = self.sent
+            self.conn.send(message)
+            deadline = time.monotonic() + timeout
+            while True:
+                if not self.conn.poll(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"load generator did not answer {message['cmd']} within {timeout:g} s")
+                reply = self.conn.recv()
+                if reply.get("id") == message["id"]:  # skip a late answer to a command that timed out
+                    return reply
+
+    async def call(self, cmd: str, timeout: float = 120.0, **kwargs: Any) -> dict[str, Any]:
+        reply = await asyncio.get_running_loop().run_in_executor(None, self._roundtrip, {"cmd": cmd, **kwargs},
+                                                                 timeout)
+        if "error" in reply:
+            raise RuntimeError(f"load generator: {reply['error']}")
+        return reply
+
+    def stop(self) -> None:
+        try:
+            self.conn.send({"cmd": "exit"})
+            self.conn.recv()
+        except (OSError, EOFError):
+            pass
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Servers and publishers
+# ---------------------------------------------------------------------------------------------------------------
+
+def code_fingerprint() -> str:
+    """A hash of Eddy's server code as this run starts it (the tree may change under a long benchmark)."""
+    import hashlib
+    digest = hashlib.sha256()
+    for folder in ("service", "handlers", "storage"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def git_head() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def make_token(sub: str) -> str:
+    import jwt
+    return jwt.encode({"sub": sub, "tenant": "bench"}, SECRET, algorithm="HS256")
+
+
+#: Experiments, not in the default list: Eddy's code unchanged, one line run before ``eddy serve``.
+EXPERIMENTS = {
+    "eddy-uvloop": "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())",
+    "eddy-nogc": "import gc; gc.disable()",
+}
+
+
+@dataclass
+class ServerSpec:
+    name: str
+    module: str
+    mode: str                  # subscriber mode
+    publish: str               # "http" or "ws"
+    publish_path: str
+    label: str
+
+    def command(self, port: int, tmp: str) -> list[str]:
+        serve = ["serve", "--port", str(port), "--address", "127.0.0.1", "--storage", f"sqlite:///{tmp}/eddy.db"]
+        if self.name == "eddy":
+            return [sys.executable, "-m", "service", *serve]
+        if self.name in EXPERIMENTS:  # the same Eddy, unchanged, with one line run before it
+            return [sys.executable, "-c", f"import sys; {EXPERIMENTS[self.name]}; sys.argv[0] = 'eddy'; "
+                    "from service.cli import main; main()", *serve]
+        return [sys.executable, "-m", self.module, "--port", str(port)]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        if self.name.startswith("eddy"):
+            env.update(EDDY_JWT_SECRET=SECRET, EDDY_LOG_LEVEL="warning",
+                       # thousands of sockets from one address (the load generator), and publish bursts
+                       EDDY_MAX_CONNECTIONS_PER_IP="1000000", EDDY_REST_RATE="100000", EDDY_REST_BURST="100000")
+        return env
+
+    def paths(self, start: int, stop: int) -> list[str]:
+        if self.name.startswith("eddy"):  # one user per socket, each with its own token, as real clients
+            return [f"/ws/{CHANNEL}/stream?access_token={make_token(f'u{i}')}" for i in range(start, stop)]
+        if self.name == "seed003":
+            return [f"/ws/pedidos?token=t{i}" for i in range(start, stop)]
+        if self.name == "socketio":
+            return ["/socket.io/?EIO=4&transport=websocket"] * (stop - start)
+        return ["/"] * (stop - start)
+
+    def publish_body(self, seq: int) -> bytes:
+        data = {"seq": seq, "sent": time.time(), "pedido_id": seq, **PAYLOAD}
+        if self.name.startswith("eddy"):
+            return orjson.dumps({"channel": CHANNEL, "event": EVENT, "data": data})
+        return orjson.dumps({"event": EVENT, "data": data})
+
+
+SPECS = {
+    "eddy": ServerSpec("eddy", "service", "json", "http", "/api/events", "Eddy (Tornado, SQLite)"),
+    **{name: ServerSpec(name, "service", "json", "http", "/api/events", f"experiment: {line}")
+       for name, line in EXPERIMENTS.items()},
+    "seed003": ServerSpec("seed003", "loadtests.peers.seed003", "json", "http", "/pedidos",
+                          "seed 003 (Starlette/uvicorn, await per socket)"),
+    "socketio": ServerSpec("socketio", "loadtests.peers.socketio_peer", "engineio", "http", "/emit",
+                           "python-socketio (ASGI/uvicorn)"),
+    "websockets": ServerSpec("websockets", "loadtests.peers.websockets_peer", "json", "ws", "/publish",
+                             "websockets.broadcast (uvloop)"),
+}
+
+
+class HttpConnection:
+    """A keep-alive HTTP/1.1 connection for POSTs (Content-Length bodies only)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+        self.reader, self.writer, self.host = reader, writer, host
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> "HttpConnection":
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer, f"{host}:{port}")
+
+    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+                      ) -> tuple[int, bytes]:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}", f"Content-Length: {len(body)}",
+                 "Content-Type: application/json"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        answer = await self.reader.readexactly(length) if length else b""
+        return status, answer
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Publisher:
+    """Publishes events to one server: HTTP POSTs from a pool of keep-alive connections, or a publisher socket."""
+
+    def __init__(self, spec: ServerSpec, port: int, pool_size: int = 64) -> None:
+        self.spec = spec
+        self.port = port
+        self.pool_size = pool_size
+        self.idle: list[tuple[HttpConnection, float]] = []  # (connection, when it was last used)
+        self.opened = 0
+        self.available = asyncio.Condition()
+        self.socket: Subscriber | None = None
+        self.headers = ({"Authorization": f"Bearer {make_token('publisher')}"} if spec.name.startswith("eddy")
+                        else {})
+        self.pending: set[asyncio.Task[None]] = set()
+        self.failures: list[str] = []
+        self.statuses: dict[int, int] = {}
+
+    async def start(self) -> None:
+        if self.spec.publish == "ws":
+            self.socket = await open_subscriber("127.0.0.1", self.port, self.spec.publish_path, "publisher", None, 0)
+
+    async def _connection(self, fresh: bool) -> HttpConnection:
+        async with self.available:
+            while not self.idle and self.opened >= self.pool_size:
+                await self.available.wait()
+            if self.idle:
+                connection, since = self.idle.pop()
+                # Servers close idle keep-alive connections (uvicorn after 5 s, Tornado after 10 s), and a busy
+                # server may do it with our request already in its buffer: reuse only recently used ones.
+                if not fresh and time.monotonic() - since < 1.0:
+                    return connection
+                connection.close()
+                self.opened -= 1
+            self.opened += 1
+        try:
+            return await HttpConnection.open("127.0.0.1", self.port)
+        except OSError:
+            async with self.available:
+                self.opened -= 1
+                self.available.notify()
+            raise
+
+    async def _post(self, seq: int) -> None:
+        body = self.spec.publish_body(seq)
+        for attempt in range(2):
+            connection = await self._connection(fresh=attempt > 0)
+            try:
+                status, answer = await connection.request("POST", self.spec.publish_path, body, self.headers)
+                break
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                # Closed by the server before it read the request: retry once on a new connection.
+                connection.close()
+                async with self.available:
+                    self.opened -= 1
+                    self.available.notify()
+                if attempt == 1:
+                    self.failures.append(f"seq {seq}: {type(exc).__name__}: {exc}")
+                    return
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status >= 300 and len(self.failures) < 20:
+            self.failures.append(f"seq {seq}: HTTP {status} {answer[:200]!r}")
+        async with self.available:
+            self.idle.append((connection, time.monotonic()))
+            self.available.notify()
+
+    async def publish(self, seq: int) -> None:
+        """Send one event without waiting for its answer (a slow server must not slow the offered rate)."""
+        if self.socket is not None:
+            self.socket.send_text(self.spec.publish_body(seq))
+            return
+        # Take a connection now, so publishing order is the order of seqs at the server's door.
+        task = asyncio.get_running_loop().create_task(self._post(seq))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+        await asyncio.sleep(0)
+
+    async def drain(self, timeout: float) -> None:
+        if self.pending:
+            await asyncio.wait(set(self.pending), timeout=timeout)
+
+    def close(self) -> None:
+        for task in self.pending:
+            task.cancel()
+        for connection, _ in self.idle:
+            connection.close()
+        if self.socket is not None and self.socket.transport is not None:
+            self.socket.transport.abort()
+
+
+def die_with_parent() -> None:
+    """In a server child, before exec: SIGTERM when the harness dies (even by SIGKILL). Linux only."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+class ServerProcess:
+    def __init__(self, spec: ServerSpec, port: int, tmp: str) -> None:
+        self.spec, self.port, self.tmp = spec, port, tmp
+        self.log_path = Path(tmp) / f"{spec.name}.log"
+        self.popen: subprocess.Popen | None = None
+        self.ps = None
+        self.rss_peak = 0
+        self.rss_samples: list[tuple[float, int]] = []
+
+    async def start(self, timeout: float = 30.0) -> None:
+        import psutil
+        log_file = open(self.log_path, "wb")
+        self.popen = subprocess.Popen(self.spec.command(self.port, self.tmp), env=self.spec.env(), cwd=ROOT,
+                                      stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=die_with_parent)
+        log_file.close()
+        self.ps = psutil.Process(self.popen.pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.spec.name} exited with {self.popen.returncode}: {self.log_tail()}")
+            try:
+                if self.spec.name.startswith("eddy"):
+                    connection = await HttpConnection.open("127.0.0.1", self.port)
+                    status, _ = await asyncio.wait_for(connection.request("GET", "/readyz"), 2)
+                    connection.close()
+                    if status == 200:
+                        return
+                else:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    writer.close()
+                    return
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                pass
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.spec.name} did not start: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def _processes(self):
+        try:
+            return [self.ps, *self.ps.children(recursive=True)]
+        except Exception:
+            return [self.ps]
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the server and its children."""
+        user = system = 0.0
+        for process in self._processes():
+            try:
+                times = process.cpu_times()
+                user += times.user
+                system += times.system
+            except Exception:
+                pass
+        return user, system
+
+    def cpu(self) -> float:
+        return sum(self.cpu_split())
+
+    def rss(self) -> int:
+        total = 0
+        for process in self._processes():
+            try:
+                total += process.memory_info().rss
+            except Exception:
+                pass
+        return total
+
+    async def sample_rss(self, interval: float = 0.2) -> None:
+        while True:
+            value = self.rss()
+            self.rss_peak = max(self.rss_peak, value)
+            await asyncio.sleep(interval)
+
+    def stop(self) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run: one server, one socket count
+# ---------------------------------------------------------------------------------------------------------------
+
+def percentile(values, q: float) -> float | None:
+    import numpy as np
+    if len(values) == 0:
+        return None
+    return float(np.percentile(values, q))
+
+
+@dataclass
+class RunConfig:
+    sockets: int
+    rate: float
+    duration: float
+    burst: int
+    solo: int
+    stall: float
+    connect_concurrency: int
+    profile_dir: str | None = None
+    settle: float = 1.0  # seconds of quiet after starting the server and after connecting
+
+    def counts(self) -> tuple[int, int, int]:
+        """Events of the solo, steady and burst phases."""
+        return self.solo, max(1, round(self.rate * self.duration)), self.burst
+
+
+@dataclass
+class Context:
+    generators: list[GeneratorHandle]
+    next_port: int
+    tmp: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def wait_for(generators: list[GeneratorHandle], phase: int, expected: int, stall: float, cap: float,
+                   seq: int | None = None) -> bool:
+    """Poll the load generators until ``expected`` deliveries of ``phase`` (or of event ``seq``) arrived.
+
+    Gives up (False) when nothing moved for ``stall`` seconds or after ``cap`` seconds.
+    """
+    started = last_progress = time.monotonic()
+    last_count = -1
+    while True:
+        statuses = await asyncio.gather(*(g.call("status") for g in generators))
+        count = sum(s["per_seq"][seq] if seq is not None else s["count"][phase] for s in statuses)
+        now = time.monotonic()
+        if count >= expected:
+            return True
+        if count != last_count:
+            last_count, last_progress = count, now
+        if now - last_progress > stall or now - started > cap:
+            return False
+        await asyncio.sleep(0.02 if seq is not None else 0.05)
+
+
+async def loadgen_cpu(generators: list[GeneratorHandle]) -> float:
+    return sum(r["cpu"] for r in await asyncio.gather(*(g.call("cpu") for g in generators)))
+
+
+async def one_run(ctx: Context, spec: ServerSpec, config: RunConfig, repeat: int) -> dict[str, Any]:
+    port = ctx.next_port
+    ctx.next_port += 1
+    n = config.sockets
+    solo_events, steady_events, burst_events = config.counts()
+    bounds = [solo_events, solo_events + steady_events, solo_events + steady_events + burst_events]
+    result: dict[str, Any] = {"server": spec.name, "sockets": n, "repeat": repeat, "rate": config.rate,
+                              "duration": config.duration, "solo_events": solo_events,
+                              "steady_events": steady_events, "burst_events": burst_events, "port": port}
+    if spec.name.startswith("eddy"):
+        result["eddy_code"] = code_fingerprint()
+    tmp = tempfile.mkdtemp(prefix=f"{spec.name}-", dir=ctx.tmp)
+    server = ServerProcess(spec, port, tmp)
+    publisher: Publisher | None = None
+    sampler: asyncio.Task[None] | None = None
+    profiler: subprocess.Popen | None = None
+    generators = ctx.generators
+    try:
+        await server.start()
+        await asyncio.sleep(config.settle / 2)
+        result["rss_idle"] = server.rss()
+        server.rss_peak = result["rss_idle"]
+        sampler = asyncio.get_running_loop().create_task(server.sample_rss())
+
+        # Connect the subscribers, split over the load generators.
+        share = [n // len(generators) + (1 if i < n % len(generators) else 0) for i in range(len(generators))]
+        edges = [sum(share[:i]) for i in range(len(generators) + 1)]
+        t_connect = time.monotonic()
+        replies = await asyncio.gather(*(
+            g.call("connect", host="127.0.0.1", port=port, paths=spec.paths(edges[i], edges[i + 1]),
+                   mode=spec.mode, bounds=bounds, concurrency=config.connect_concurrency, timeout=900.0)
+            for i, g in enumerate(generators)))
+        connected = sum(r["connected"] for r in replies)
+        result["connected"] = connected
+        result["connect_seconds"] = time.monotonic() - t_connect
+        result["connect_errors"] = [e for r in replies for e in r["errors"]]
+        if connected < n:
+            raise RuntimeError(f"only {connected} of {n} sockets connected: {result['connect_errors'][:3]}")
+        publisher = Publisher(spec, port)
+        await publisher.start()
+        await asyncio.sleep(config.settle)
+        result["rss_connected"] = server.rss()
+        if config.profile_dir:
+            profiler = start_profiler(server, config, spec)
+        split0 = server.cpu_split()
+        phase_starts: list[float] = []
+
+        async def measure(phase: int, publish) -> None:
+            """Run one phase; record its start time and the server's and load generators' CPU seconds."""
+            name = PHASES[phase]
+            cpu0, gen0 = server.cpu(), await loadgen_cpu(generators)
+            phase_starts.append(time.time())
+            mono = time.monotonic()
+            complete = await publish()
+            result[f"{name}_publish_seconds"] = time.monotonic() - mono
+            await publisher.drain(timeout=max(5.0, config.stall))
+            result[f"{name}_complete"] = complete
+            result[f"{name}_cpu_s"] = server.cpu() - cpu0
+            result[f"loadgen_cpu_{name}_s"] = await loadgen_cpu(generators) - gen0
+
+        async def solo() -> bool:
+            # One event at a time, the next once every socket has the previous one: the time an event takes to
+            # reach all N sockets with nothing queued ahead of it.
+            complete = True
+            for seq in range(1, bounds[0] + 1):
+                await publisher.publish(seq)
+                complete &= await wait_for(generators, 0, n, config.stall, cap=120, seq=seq)
+                await asyncio.sleep(0.2)
+            return complete
+
+        async def steady() -> bool:
+            mono0 = time.monotonic()
+            for i, seq in enumerate(range(bounds[0] + 1, bounds[1] + 1)):
+                delay = mono0 + i / config.rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await publisher.publish(seq)
+            return await wait_for(generators, 1, steady_events * n, config.stall, cap=600)
+
+        async def burst() -> bool:
+            for seq in range(bounds[1] + 1, bounds[2] + 1):
+                await publisher.publish(seq)
+            return await wait_for(generators, 2, burst_events * n, config.stall, cap=600)
+
+        await measure(0, solo)
+        await asyncio.sleep(config.settle / 2)
+        await measure(1, steady)
+        await asyncio.sleep(config.settle / 2)
+        await measure(2, burst)
+        split1 = server.cpu_split()
+        result["cpu_user_s"], result["cpu_system_s"] = split1[0] - split0[0], split1[1] - split0[1]
+        if profiler is not None:
+            stop_profiler(profiler)
+            profiler = None
+        result["publish_statuses"] = {str(k): v for k, v in publisher.statuses.items()}
+        result["publish_failures"] = publisher.failures[:10]
+
+        reports = await asyncio.gather(*(g.call("report") for g in generators))
+        summarize_run(result, reports, phase_starts, bounds, n)
+        result["rss_peak"] = max(server.rss_peak, server.rss())
+        result["ok"] = True
+    except Exception as exc:
+        result["ok"] = False
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"{spec.name} @ {n}: FAILED {result['error']}")
+    finally:
+        if profiler is not None:
+            stop_profiler(profiler)
+        if sampler is not None:
+            sampler.cancel()
+        if publisher is not None:
+            publisher.close()
+        for g in generators:
+            try:
+                await g.call("close")
+            except Exception:
+                pass
+        server.stop()
+        result["server_log"] = server.log_tail()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def summarize_run(result: dict[str, Any], reports: list[dict[str, Any]], starts: list[float], bounds: list[int],
+                  n: int) -> None:
+    import numpy as np
+
+    first = 1
+    for phase, name in enumerate(PHASES):
+        start, seqs = starts[phase], range(first, bounds[phase] + 1)
+        first = bounds[phase] + 1
+        events = len(seqs)
+        latency = np.concatenate([np.frombuffer(r["latency"][phase], dtype="d") for r in reports])
+        e2e = np.concatenate([np.frombuffer(r["e2e"][phase], dtype="d") for r in reports])
+        received = sum(r["count"][phase] for r in reports)
+        last = max((r["last"][phase] for r in reports if r["count"][phase]), default=start)
+        span = max(last - start, 1e-9)
+        result[f"{name}_received"] = int(received)
+        result[f"{name}_expected"] = events * n
+        result[f"{name}_lost"] = events * n - int(received)
+        result[f"{name}_seconds"] = span
+        result[f"{name}_deliveries_per_s"] = received / span
+        for label, values in (("latency", latency), ("e2e", e2e)):
+            for q in (50, 90, 99):
+                result[f"{name}_{label}_p{q}_ms"] = percentile(values, q)
+            result[f"{name}_{label}_max_ms"] = float(values.max()) if len(values) else None
+        if len(latency):
+            result[f"{name}_latency_quantiles_ms"] = [round(float(v), 3) for v in
+                                                      np.quantile(latency, np.linspace(0, 1, QUANTILES))]
+        # Per event: from the server timestamp to its last socket (one event's fan-out to all sockets).
+        spans, from_publish = [], []
+        for seq in seqs:
+            arrival = max(r["max_arrival"][seq] for r in reports)
+            stamp = max(r["server_ts"][seq] for r in reports)
+            sent = max(r["sent"][seq] for r in reports)
+            if arrival and stamp:
+                spans.append((arrival - stamp) * 1000.0)
+                from_publish.append((arrival - sent) * 1000.0)
+        result[f"{name}_event_to_last_socket_ms"] = [round(v, 2) for v in spans]
+        result[f"{name}_event_to_last_socket_p50_ms"] = percentile(spans, 50)
+        result[f"{name}_event_to_last_socket_max_ms"] = max(spans) if spans else None
+        result[f"{name}_publish_to_last_socket_ms"] = [round(v, 2) for v in from_publish]
+        result[f"{name}_publish_to_last_socket_p50_ms"] = percentile(from_publish, 50)
+    # One event to all N sockets, nothing queued: N deliveries over the server-timestamp → last-socket time.
+    solo_ms = result["solo_event_to_last_socket_p50_ms"]
+    result["solo_deliveries_per_s"] = n / (solo_ms / 1000) if solo_ms else None
+    result["duplicates"] = sum(r["duplicates"] for r in reports)
+    result["unexpected"] = sum(r["unexpected"] for r in reports)
+    result["lost"] = sum(result[f"{name}_lost"] for name in PHASES)
+    result["alive_at_end"] = sum(r["alive"] for r in reports)
+    deliveries = sum(result[f"{name}_received"] for name in PHASES)
+    cpu = sum(result[f"{name}_cpu_s"] for name in PHASES)
+    result["deliveries"] = deliveries
+    result["cpu_s"] = cpu
+    result["cpu_s_per_1k_sockets"] = cpu / (n / 1000)
+    result["cpu_us_per_delivery"] = cpu / deliveries * 1e6 if deliveries else None
+    result["burst_cpu_us_per_delivery"] = (result["burst_cpu_s"] / result["burst_received"] * 1e6
+                                           if result["burst_received"] else None)
+
+
+#: Extra py-spy flags (``BENCH_PY_SPY_FLAGS="--native"``, say).
+PY_SPY_EXTRA = os.environ.get("BENCH_PY_SPY_FLAGS", "").split()
+
+
+def start_profiler(server: ServerProcess, config: RunConfig, spec: ServerSpec) -> subprocess.Popen | None:
+    """py-spy (if installed) records the server during the measured phases; SIGINT makes it write its output."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        log("py-spy not found: no profile")
+        return None
+    out = Path(config.profile_dir) / f"{spec.name}-{config.sockets}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([py_spy, "record", "--pid", str(server.popen.pid), "--rate", "250", "--format", "raw", *PY_SPY_EXTRA,
+                             "-o", f"{out}.txt"], stdout=subprocess.DEVNULL,
+                            stderr=open(f"{out}.log", "wb"))
+
+
+def stop_profiler(profiler: subprocess.Popen) -> None:
+    profiler.send_signal(signal.SIGINT)
+    try:
+        profiler.wait(30)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation, tables and charts
+# ---------------------------------------------------------------------------------------------------------------
+
+METRICS = ("solo_event_to_last_socket_p50_ms", "solo_publish_to_last_socket_p50_ms", "solo_deliveries_per_s",
+           "steady_e2e_p50_ms", "burst_e2e_p50_ms", "burst_e2e_p99_ms", "burst_deliveries_per_s",
+           "steady_deliveries_per_s", "steady_latency_p50_ms", "steady_latency_p99_ms", "burst_latency_p50_ms",
+           "burst_latency_p99_ms", "steady_e2e_p99_ms", "steady_event_to_last_socket_p50_ms",
+           "burst_event_to_last_socket_max_ms", "lost", "cpu_s_per_1k_sockets", "cpu_us_per_delivery",
+           "burst_cpu_us_per_delivery", "rss_peak_mib", "rss_mib_per_1k_sockets", "loadgen_cpu_burst_s",
+           "burst_seconds")
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        if run.get("ok"):
+            run["rss_peak_mib"] = run["rss_peak"] / 2**20
+            run["rss_mib_per_1k_sockets"] = (run["rss_peak"] - run["rss_idle"]) / 2**20 / (run["sockets"] / 1000)
+    keys = sorted({(r["sockets"], r["server"]) for r in runs})
+    for sockets, server in keys:
+        ok = [r for r in runs if r["sockets"] == sockets and r["server"] == server and r.get("ok")]
+        failed = [r for r in runs if r["sockets"] == sockets and r["server"] == server and not r.get("ok")]
+        entry: dict[str, Any] = {"runs": len(ok), "failed": len(failed)}
+        for metric in METRICS:
+            values = [r[metric] for r in ok if r.get(metric) is not None]
+            if values:
+                entry[metric] = statistics.median(values)
+                entry[metric + "_all"] = values
+        if ok:
+            entry["lost_total"] = sum(r["lost"] for r in ok)
+        summary.setdefault(str(sockets), {})[server] = entry
+    return summary
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (int,)) or (isinstance(value, float) and abs(value) >= 1000):
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str]) -> str:
+    out = []
+    for sockets in sorted(summary, key=int):
+        rows = summary[sockets]
+        out.append(f"\n### {int(sockets):,} sockets\n")
+        out.append("| server | one event → all sockets ms: server ts / POST (solo p50) | deliveries/s (burst) | "
+                   "steady p50 / p99 ms: server ts | steady p50 / p99 ms: publish | burst p50 / p99 ms: server ts | "
+                   "burst p50 / p99 ms: publish | lost | server CPU s per 1k sockets | CPU µs / delivery | "
+                   "peak RSS MiB | RSS MiB per 1k sockets |")
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for server in servers:
+            e = rows.get(server)
+            if not e or not e.get("runs"):
+                out.append(f"| {server} | failed | | | | | | | | | | |")
+                continue
+            out.append(
+                f"| {server} | {fmt(e.get('solo_event_to_last_socket_p50_ms'))} / "
+                f"{fmt(e.get('solo_publish_to_last_socket_p50_ms'))} | {fmt(e.get('burst_deliveries_per_s'))} | "
+                f"{fmt(e.get('steady_latency_p50_ms'))} / {fmt(e.get('steady_latency_p99_ms'))} | "
+                f"{fmt(e.get('steady_e2e_p50_ms'))} / {fmt(e.get('steady_e2e_p99_ms'))} | "
+                f"{fmt(e.get('burst_latency_p50_ms'))} / {fmt(e.get('burst_latency_p99_ms'))} | "
+                f"{fmt(e.get('burst_e2e_p50_ms'))} / {fmt(e.get('burst_e2e_p99_ms'))} | "
+                f"{e.get('lost_total', '–')} | "
+                f"{fmt(e.get('cpu_s_per_1k_sockets'), 2)} | {fmt(e.get('cpu_us_per_delivery'))} | "
+                f"{fmt(e.get('rss_peak_mib'))} | {fmt(e.get('rss_mib_per_1k_sockets'), 2)} |")
+        eddy = rows.get("eddy")
+        peers = [s for s in servers if s != "eddy" and rows.get(s, {}).get("runs")]
+        if eddy and eddy.get("runs") and peers:
+            out.append("\nEddy's ratio to each peer (> 1 means Eddy is better):\n")
+            out.append("| peer | one event → all sockets (server ts) peer ÷ Eddy | deliveries/s (burst) Eddy ÷ peer | "
+                       "steady p99 (server ts) peer ÷ Eddy | burst p99 (publish) peer ÷ Eddy | "
+                       "CPU per delivery peer ÷ Eddy | RSS per 1k sockets peer ÷ Eddy |")
+            out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+            for server in peers:
+                p = rows[server]
+                out.append(
+                    f"| {server} | "
+                    f"{ratio(p.get('solo_event_to_last_socket_p50_ms'), eddy.get('solo_event_to_last_socket_p50_ms'))} | "
+                    f"{ratio(eddy.get('burst_deliveries_per_s'), p.get('burst_deliveries_per_s'))} | "
+                    f"{ratio(p.get('steady_latency_p99_ms'), eddy.get('steady_latency_p99_ms'))} | "
+                    f"{ratio(p.get('burst_e2e_p99_ms'), eddy.get('burst_e2e_p99_ms'))} | "
+                    f"{ratio(p.get('cpu_us_per_delivery'), eddy.get('cpu_us_per_delivery'))} | "
+                    f"{ratio(p.get('rss_mib_per_1k_sockets'), eddy.get('rss_mib_per_1k_sockets'))} |")
+    return "\n".join(out)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b <= 0:
+        return "–"
+    return f"{a / b:.2f}×"
+
+
+def charts(summary: dict[str, dict[str, dict[str, Any]]], runs: list[dict[str, Any]], servers: list[str],
+           cdf_sockets: int | None) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    import numpy as np
+
+    CHARTS.mkdir(parents=True, exist_ok=True)
+    written = []
+    counts = sorted({r["sockets"] for r in runs if r.get("ok")})
+    if not counts:
+        return written
+    if cdf_sockets not in counts:
+        cdf_sockets = max((c for c in counts if c <= 5000), default=counts[-1])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for server in servers:
+        curves = [r["steady_latency_quantiles_ms"] for r in runs
+                  if r.get("ok") and r["server"] == server and r["sockets"] == cdf_sockets
+                  and r.get("steady_latency_quantiles_ms")]
+        if not curves:
+            continue
+        curve = np.mean(np.array(curves), axis=0)  # quantile functions averaged over repeats
+        ax.plot(np.maximum(curve, 0.05), np.linspace(0, 1, len(curve)), label=f"{server} ({len(curves)} runs)")
+    ax.set_xscale("log")
+    ax.set_xlabel("delivery latency, ms (receive time − server timestamp; log scale)")
+    ax.set_ylabel("fraction of deliveries")
+    rate = next((r["rate"] for r in runs if r.get("ok")), None)
+    ax.set_title(f"Delivery latency CDF, {cdf_sockets:,} sockets, steady {rate:g} events/s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path = CHARTS / "bench-latency-cdf.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(str(path))
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for server in servers:
+        xs, ys, lo, hi = [], [], [], []
+        for count in counts:
+            e = summary.get(str(count), {}).get(server)
+            if not e or "burst_deliveries_per_s" not in e:
+                continue
+            values = e["burst_deliveries_per_s_all"]
+            xs.append(count)
+            ys.append(e["burst_deliveries_per_s"])
+            lo.append(e["burst_deliveries_per_s"] - min(values))
+            hi.append(max(values) - e["burst_deliveries_per_s"])
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=server)
+    ax.axhline(100_000, color="grey", linestyle="--", linewidth=1, label="target 100,000/s")
+    ax.set_xscale("log")
+    ax.set_xticks(counts)
+    ax.set_xticklabels([f"{c:,}" for c in counts])
+    ax.set_xlabel("sockets on one channel")
+    ax.set_ylabel("deliveries per second (burst; median, min–max)")
+    ax.set_ylim(0, max([125_000] + [max(line.get_ydata()) * 1.25 for line in ax.get_lines() if len(line.get_ydata())]))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    ax.set_title("Fan-out throughput vs sockets (one server process, 2-core host)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper center", ncol=3, fontsize="small")
+    path = CHARTS / "bench-throughput.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(str(path))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+def display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def run_line(run: dict[str, Any]) -> str:
+    return (f"one event → {run['sockets']:,} sockets {fmt(run.get('solo_event_to_last_socket_p50_ms'))} ms; "
+            f"burst {fmt(run.get('burst_deliveries_per_s'))} deliveries/s; p50/p99 steady "
+            f"{fmt(run.get('steady_latency_p50_ms'))}/{fmt(run.get('steady_latency_p99_ms'))} ms, burst "
+            f"{fmt(run.get('burst_latency_p50_ms'))}/{fmt(run.get('burst_latency_p99_ms'))} ms; "
+            f"lost {run['lost']}; server CPU {fmt(run.get('cpu_us_per_delivery'))} µs/delivery "
+            f"(user {fmt(run['cpu_user_s'], 2)} s, system {fmt(run['cpu_system_s'], 2)} s); load generators "
+            f"{fmt(run['loadgen_cpu_burst_s'], 2)} CPU s over the {fmt(run.get('burst_seconds'), 2)} s burst; "
+            f"publish {run.get('publish_statuses')} {run.get('publish_failures') or ''}")
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    servers = args.servers
+    context = multiprocessing.get_context("spawn")
+    generators = [GeneratorHandle(context) for _ in range(args.clients)]
+    tmp = tempfile.mkdtemp(prefix="eddy-bench-")
+    ctx = Context(generators, args.port, tmp)
+    started = datetime.now(timezone.utc)
+    wall = time.monotonic()
+    try:
+        for sockets in args.sockets:
+            config = RunConfig(sockets=sockets, rate=args.rate, duration=args.duration, burst=args.burst,
+                               solo=args.solo, stall=args.stall, connect_concurrency=args.connect_concurrency,
+                               profile_dir=args.profile, settle=0.3 if args.smoke else 1.0)
+            for repeat in range(args.repeats):
+                shift = repeat % len(servers)
+                for server in servers[shift:] + servers[:shift]:
+                    log(f"{server} @ {sockets} sockets, repeat {repeat + 1}/{args.repeats}")
+                    run = await one_run(ctx, SPECS[server], config, repeat)
+                    ctx.runs.append(run)
+                    if run.get("ok"):
+                        log("  " + run_line(run))
+    finally:
+        for g in generators:
+            g.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = summarize(ctx.runs)
+    head = git_head()
+    fingerprints = {r["eddy_code"] for r in ctx.runs if r.get("eddy_code")}
+    if len(fingerprints) > 1:
+        log(f"WARNING: Eddy's code changed during the benchmark ({', '.join(sorted(fingerprints))}): "
+            "its runs are not comparable")
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out) if args.out else RESULTS / f"bench-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "started": started.isoformat(), "seconds": time.monotonic() - wall,
+        "command": " ".join([Path(sys.executable).name, "-m", "loadtests.bench", *sys.argv[1:]]),
+        "args": {k: v for k, v in vars(args).items()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_generator_processes": args.clients},
+        "git_head": head, "eddy_code": sorted(fingerprints),
+        "summary": summary, "runs": ctx.runs,
+    }
+    out.write_text(json.dumps(document, indent=1))
+    print(tables(summary, servers))
+    print(f"\nresults: {display(out)}")
+    if args.charts:
+        for path in charts(summary, ctx.runs, servers, args.cdf_sockets):
+            print(f"chart: {display(Path(path))}")
+    failed = [r for r in ctx.runs if not r.get("ok")]
+    for run in failed:
+        print(f"FAILED {run['server']} @ {run['sockets']}: {run['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sockets", default="1000,2000,5000,10000", help="comma-separated socket counts")
+    parser.add_argument("--rate", type=float, default=2.0, help="steady phase: events per second")
+    parser.add_argument("--duration", type=float, default=10.0, help="steady phase: seconds")
+    parser.add_argument("--burst", type=int, default=20, help="burst phase: events sent at once")
+    parser.add_argument("--solo", type=int, default=5,
+                        help="solo phase: events sent one at a time, each after the previous reached every socket")
+    parser.add_argument("--servers", default=",".join(ALL_SERVERS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    parser.add_argument("--smoke", action="store_true", help="50 sockets, a few seconds, every server, no charts")
+    parser.add_argument("--charts", action="store_true", help="write PNG charts to docs/benchmarks/")
+    parser.add_argument("--cdf-sockets", type=int, default=None, help="socket count of the latency CDF chart")
+    parser.add_argument("--stall", type=float, default=15.0, help="give up on a phase after this long without progress")
+    parser.add_argument("--connect-concurrency", type=int, default=50, help="handshakes in flight per load generator")
+    parser.add_argument("--port", type=int, default=18700, help="first port; each run takes the next one")
+    parser.add_argument("--from-json", default=None, metavar="FILE",
+                        help="print the tables (and with --charts draw the charts) of an earlier results file")
+    parser.add_argument("--out", default=None, help="results file (default loadtests/results/bench-<timestamp>.json)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="record each server with py-spy during the measured phases (raw stacks into DIR)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.sockets, args.rate, args.duration, args.burst, args.solo, args.repeats = "50", 10.0, 2.0, 10, 3, 1
+        args.servers, args.charts = ",".join(ALL_SERVERS), False
+    args.sockets = [int(s) for s in str(args.sockets).split(",") if s]
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = [s for s in args.servers if s not in SPECS]
+    if unknown:
+        parser.error(f"unknown servers: {', '.join(unknown)} (known: {', '.join(SPECS)})")
+    return args
+
+
+def report(path: str, charts_too: bool, cdf_sockets: int | None) -> int:
+    """Tables (and charts) again from a results file, without measuring."""
+    document = json.loads(Path(path).read_text())
+    runs = document["runs"]
+    order = [s for s in document["args"]["servers"]]
+    summary = summarize(runs)
+    print(tables(summary, order))
+    if charts_too:
+        for chart in charts(summary, runs, order, cdf_sockets):
+            print(f"chart: {display(Path(chart))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        return report(args.from_json, args.charts, args.cdf_sockets)
+    raise_open_file_limit()
+    # SIGTERM (a test's timeout) unwinds like Ctrl-C, so servers and load generators are stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    import uvloop
+    return uvloop.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
