@@ -88,6 +88,17 @@ def cursor(batch: list, first: bool = False, cursor_id: int = 42, namespace: str
             "operationTime": Timestamp(1_700_000_000, 1)}
 
 
+async def watching_after_event_1(mongo: MockMongo, store: MongoStorage):
+    """A feed from position 0 that has opened its stream, caught up (nothing) and handed over event 1."""
+    feed = store.watch(after=0)
+    first = asyncio.ensure_future(feed.__anext__())
+    (await mongo.receive("aggregate")).reply(cursor([], first=True))
+    (await mongo.receive("find")).reply(cursor([], first=True, cursor_id=0))
+    (await mongo.receive("getMore")).reply(cursor([change(1)]))
+    assert (await asyncio.wait_for(first, STEP)).position == 1
+    return feed
+
+
 async def commit_transaction(mongo: MockMongo, seq: int, *, expect_find: bool = False, found: list | None = None):
     """Play the server's side of one append transaction; returns the insert request."""
     if expect_find:
@@ -194,12 +205,7 @@ async def test_a_hole_in_positions_is_filled_from_the_collection(mongo, store):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_network_error_mid_stream_resumes_with_the_last_token(mongo, store):
-    feed = store.watch(after=0)
-    first = asyncio.ensure_future(feed.__anext__())
-    (await mongo.receive("aggregate")).reply(cursor([], first=True))
-    (await mongo.receive("find")).reply(cursor([], first=True, cursor_id=0))
-    (await mongo.receive("getMore")).reply(cursor([change(1)]))
-    assert (await asyncio.wait_for(first, STEP)).position == 1
+    feed = await watching_after_event_1(mongo, store)
     second = asyncio.ensure_future(feed.__anext__())
     (await mongo.receive("getMore")).hangup()  # the connection drops mid-stream
     resumed = await mongo.receive("aggregate")
@@ -212,12 +218,7 @@ async def test_network_error_mid_stream_resumes_with_the_last_token(mongo, store
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_new_watch_from_where_the_last_stopped_reuses_its_token(mongo, store):
-    feed = store.watch(after=0)
-    first = asyncio.ensure_future(feed.__anext__())
-    (await mongo.receive("aggregate")).reply(cursor([], first=True))
-    (await mongo.receive("find")).reply(cursor([], first=True, cursor_id=0))
-    (await mongo.receive("getMore")).reply(cursor([change(1)]))
-    assert (await asyncio.wait_for(first, STEP)).position == 1
+    feed = await watching_after_event_1(mongo, store)
     broken = asyncio.ensure_future(feed.__anext__())
     # Not resumable by the driver: the watch ends with StorageUnavailable and the watcher calls watch again.
     (await mongo.receive("getMore")).command_err(code=2, errmsg="BadValue")
@@ -237,12 +238,7 @@ async def test_a_new_watch_from_where_the_last_stopped_reuses_its_token(mongo, s
 @pytest.mark.gen_test(timeout=30)
 async def test_history_lost_is_recovered_from_the_collection_and_logged(mongo, store, caplog):
     caplog.set_level(logging.WARNING, "eddy.storage.mongo")
-    feed = store.watch(after=0)
-    first = asyncio.ensure_future(feed.__anext__())
-    (await mongo.receive("aggregate")).reply(cursor([], first=True))
-    (await mongo.receive("find")).reply(cursor([], first=True, cursor_id=0))
-    (await mongo.receive("getMore")).reply(cursor([change(1)]))
-    assert (await asyncio.wait_for(first, STEP)).position == 1
+    feed = await watching_after_event_1(mongo, store)
     recovered = asyncio.ensure_future(feed.__anext__())
     (await mongo.receive("getMore")).command_err(code=286, errmsg="ChangeStreamHistoryLost")
     reopened = await mongo.receive("aggregate")
