@@ -53,7 +53,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -67,6 +66,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from service.cli import raise_open_file_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtests" / "results"
@@ -82,17 +83,6 @@ QUANTILES = 1001  # points of each run's latency quantile function kept in the J
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def raise_open_file_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 # ---------------------------------------------------------------------------------------------------------------

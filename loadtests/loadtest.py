@@ -23,7 +23,6 @@ import csv
 import json
 import os
 import re
-import resource
 import secrets
 import shutil
 import signal
@@ -39,6 +38,8 @@ from typing import Any
 
 import psutil
 
+from service.cli import raise_open_file_limit
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,17 +47,6 @@ TENANT = "loadtest"
 PREFIX = "lt"
 EVENT = "loadtest.tick"
 MIB = 1024 * 1024
-
-
-def raise_open_file_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def free_port() -> int:
