@@ -23,7 +23,7 @@ from service.client import (
     publish_http,
 )
 from tests.support import SECRET, TIMEOUT, make_token, publish
-from tests.test_processes import ROOT, EddyProcess, free_port
+from tests.test_processes import ROOT, free_port, processes  # noqa: F401 (a fixture)
 
 RULES = """
 [[channels]]
@@ -341,26 +341,11 @@ async def test_refused_tokens_and_unreachable_servers_make_the_client_give_up(ht
 
 # Real processes -------------------------------------------------------------------------------
 
-@pytest.fixture
-def servers(tmp_path):
-    started: list[EddyProcess] = []
-
-    def start(storage: str, **kwargs: Any) -> EddyProcess:
-        process = EddyProcess(tmp_path, storage, **kwargs)
-        started.append(process)
-        process.wait_ready()
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
-
-
 @pytest.mark.gen_test(timeout=60)
-async def test_resume_across_a_real_server_restart(servers, tmp_path):
+async def test_resume_across_a_real_server_restart(processes, tmp_path):
     storage = f"sqlite:///{tmp_path}/eddy.db"
     loop = asyncio.get_running_loop()
-    a, b = servers(storage), servers(storage)
+    a, b = processes(storage), processes(storage)
     client = EddyClient(url(a.port), token=make_token("ana"), base_delay=0.1, max_delay=0.5, max_attempts=100)
     stream = client.events()
     await within(client.connect())
@@ -373,7 +358,7 @@ async def test_resume_across_a_real_server_restart(servers, tmp_path):
     await loop.run_in_executor(None, a.process.wait, 10)
     await until(lambda: client.state == "reconnecting")
     missed = [(await publish(b.port, "tickets", "ticket.created", {"n": n}, backend))["id"] for n in range(1, 6)]
-    restarted = await loop.run_in_executor(None, lambda: servers(storage, port=a.port))
+    restarted = await loop.run_in_executor(None, lambda: processes(storage, port=a.port))
     assert restarted.port == a.port
 
     received = [(await within(stream.__anext__(), 15))["id"] for _ in missed]
@@ -397,10 +382,10 @@ async def eddy_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 
 
 @pytest.mark.gen_test(timeout=90)
-async def test_tail_prints_what_publish_stores_across_a_restart(servers, tmp_path):
+async def test_tail_prints_what_publish_stores_across_a_restart(processes, tmp_path):
     storage = f"sqlite:///{tmp_path}/eddy.db"
     loop = asyncio.get_running_loop()
-    server = servers(storage)
+    server = processes(storage)
     env = cli_env(EDDY_TOKEN=make_token("ops"))
     http_url, ws_url = f"http://127.0.0.1:{server.port}", url(server.port)
     early = [orjson.loads((await eddy_cli("publish", "tickets", "ticket.created", f'{{"n":{n}}}', "--url", http_url,
@@ -432,7 +417,7 @@ async def test_tail_prints_what_publish_stores_across_a_restart(servers, tmp_pat
         assert event == {k: v for k, v in stored.items() if k != "position"}
 
         server.stop()  # kill -9, then the same port and the same file again
-        server = await loop.run_in_executor(None, lambda: servers(storage, port=int(http_url.rsplit(":", 1)[1])))
+        server = await loop.run_in_executor(None, lambda: processes(storage, port=int(http_url.rsplit(":", 1)[1])))
         code, out, _ = await eddy_cli("publish", "orders", "order.created", "null", "--url", http_url, env=env)
         after = orjson.loads(out)
         seen = []
@@ -450,8 +435,8 @@ async def test_tail_prints_what_publish_stores_across_a_restart(servers, tmp_pat
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_publish_and_tail_errors_are_clear(servers, tmp_path):
-    server = servers(f"sqlite:///{tmp_path}/eddy.db")
+async def test_publish_and_tail_errors_are_clear(processes, tmp_path):
+    server = processes(f"sqlite:///{tmp_path}/eddy.db")
     http_url = f"http://127.0.0.1:{server.port}"
     code, out, err = await eddy_cli("publish", "tickets", "x", "{}", "--url", http_url, env=cli_env())
     assert code == 2 and "no token" in err and "EDDY_TOKEN" in err and out == ""
