@@ -66,6 +66,26 @@ class ConversationFrames:
         self._typing_since: dict[ChannelKey, float] = {}
         self._typing_frames: list[float] = []
 
+    # Hub subscriber ------------------------------------------------------------
+
+    def deliver(self, message: frames.PreparedMessage) -> None:
+        """Queue a prepared frame without blocking (a socket's or a stream's ``deliver_now``).
+
+        Skips typing indicators of this connection's own user, and holds back
+        events of a channel whose history is being replayed.
+        """
+        if message.exclude_user is not None and self.identity is not None \
+                and message.exclude_user == self.identity.user_id:
+            return
+        if self.replaying and message.key in self.replaying:
+            self.replaying[message.key].append(message)
+            return
+        self.deliver_now(message)
+
+    def resume_point(self) -> str:
+        """The id after which everything reaches this connection: where to resume if nothing arrives first."""
+        return str(self.eddy.watcher.position or 0)
+
     # Resume -------------------------------------------------------------------
 
     async def join_with_replay(self, key: ChannelKey, since: int, ref: Any) -> None:
@@ -124,20 +144,21 @@ class ConversationFrames:
             # Events up to `sent` may still be on their way from a watcher that is
             # behind the store; once it has passed `sent`, everything live is newer.
             await self.eddy.watcher.passed(sent, timeout=REPLAY_CATCH_UP)
-        except (asyncio.TimeoutError, StorageUnavailable, FrameError) as exc:
-            held = self.replaying.pop(key, [])
-            if keep_live_on_error:
-                for message in held:
-                    if message.position is None or message.position > sent:
-                        self.deliver_now(message)
-            if isinstance(exc, FrameError):
-                raise
-            if isinstance(exc, asyncio.TimeoutError):
-                raise FrameError(frames.STORAGE_UNAVAILABLE, "the change feed is behind; retry the join") from None
-            raise FrameError(frames.STORAGE_UNAVAILABLE, "storage is unavailable; retry the join") from None
-        for message in self.replaying.pop(key, []):
-            if message.position is None or message.position > sent:
-                self.deliver_now(message)
+        except asyncio.TimeoutError:
+            error = FrameError(frames.STORAGE_UNAVAILABLE, "the change feed is behind; retry the join")
+        except StorageUnavailable:
+            error = FrameError(frames.STORAGE_UNAVAILABLE, "storage is unavailable; retry the join")
+        except FrameError as exc:
+            error = exc
+        else:
+            error = None
+        held = self.replaying.pop(key, [])
+        if error is None or keep_live_on_error:
+            for message in held:
+                if message.position is None or message.position > sent:
+                    self.deliver_now(message)
+        if error is not None:
+            raise error
 
     async def on_sync(self, frame: dict[str, Any], ref: Any) -> None:
         """Seed 001's sync: the events after ``last_id``, without subscribing."""

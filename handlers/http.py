@@ -26,6 +26,8 @@ log = logging.getLogger("eddy.http")
 RETRY_AFTER_SECONDS = 1
 MAX_HISTORY_LIMIT = 1000
 MAX_NAME_LENGTH = 200
+#: Seconds a development token lasts.
+DEV_TOKEN_TTL = 12 * 3600
 #: The furthest ahead an event may be scheduled (seconds).
 MAX_DELAY = 366 * 24 * 3600
 
@@ -288,8 +290,8 @@ class DevTokenHandler(ApiHandler):
                 and 0 < len(tenant) <= MAX_NAME_LENGTH and isinstance(roles, list)
                 and all(isinstance(r, str) for r in roles)):
             raise ApiError(400, "INVALID_BODY", "sub and tenant are strings of 1-200 characters, roles a list")
-        token = self.eddy.verifier.mint(sub, tenant=tenant, roles=roles, ttl=12 * 3600)
-        self.write_json({"token": token, "sub": sub, "tenant": tenant, "roles": roles, "expires_in": 12 * 3600})
+        token = self.eddy.verifier.mint(sub, tenant=tenant, roles=roles, ttl=DEV_TOKEN_TTL)
+        self.write_json({"token": token, "sub": sub, "tenant": tenant, "roles": roles, "expires_in": DEV_TOKEN_TTL})
 
 
 class HealthHandler(ApiHandler):

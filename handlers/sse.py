@@ -219,16 +219,6 @@ class SSEHandler(ConversationFrames, ApiHandler):
 
     # Hub subscriber ------------------------------------------------------------------
 
-    def deliver(self, message: frames.PreparedMessage) -> None:
-        """Queue a frame on the stream without blocking; the same filters as a socket's."""
-        if message.exclude_user is not None and self.identity is not None \
-                and message.exclude_user == self.identity.user_id:
-            return
-        if self.replaying and message.key in self.replaying:
-            self.replaying[message.key].append(message)
-            return
-        self.deliver_now(message)
-
     def deliver_now(self, message: frames.PreparedMessage) -> None:
         if self._joining is not None:
             if message.key is not None:  # keepalives mean nothing before the stream starts

@@ -199,8 +199,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
             "timestamp": frames.iso_timestamp(time.time()),
         }
         if since is None:
-            # Everything after this id reaches the socket: resume from here if nothing arrives first.
-            connected["last_id"] = str(self.eddy.watcher.position or 0)
+            connected["last_id"] = self.resume_point()
         if ref is not None:
             connected["ref"] = ref
         self.send(connected)
@@ -275,20 +274,6 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
     def _grace_over(self) -> None:
         self._timers.pop("grace", None)
         self.close(frames.CLOSE_TOKEN_EXPIRED, "token expired")
-
-    def deliver(self, message: frames.PreparedMessage) -> None:
-        """Queue a prepared frame on the socket, bypassing per-call encoding and framing.
-
-        Skips typing indicators of this socket's own user, and holds back
-        events of a channel whose history is being replayed.
-        """
-        if message.exclude_user is not None and self.identity is not None \
-                and message.exclude_user == self.identity.user_id:
-            return
-        if self.replaying and message.key in self.replaying:
-            self.replaying[message.key].append(message)
-            return
-        self.deliver_now(message)
 
     def deliver_now(self, message: frames.PreparedMessage) -> None:
         """Queue a frame; every frame queued in this loop iteration leaves in one write."""
@@ -431,8 +416,7 @@ class EventSocket(ConversationFrames, tornado.websocket.WebSocketHandler):
             await self.join_with_replay(key, since, ref)
         else:  # already joined: it receives everything live, a replay would repeat events
             self._subscribe(key)
-            # Everything after this id reaches the socket: resume from here if nothing arrives first.
-            self.send({"type": "ack", "ref": ref, "channel": key[1], "last_id": str(self.eddy.watcher.position or 0)})
+            self.send({"type": "ack", "ref": ref, "channel": key[1], "last_id": self.resume_point()})
         await self.enter_presence(key)
 
     async def on_leave(self, frame: dict[str, Any], ref: Any) -> None:

@@ -48,6 +48,8 @@ class Eddy:
         )
         self.verifier = TokenVerifier.from_settings(settings, secret)
         self.rules = Rules.from_config(read_config_file(settings.config)[1]) if settings.config else Rules([])
+        #: ``[[collections]]``: the application's collections whose changes become events (MongoDB).
+        self.collection_mappings = read_collection_mappings(settings.config) if settings.config else []
         self.authorizer = JoinAuthorizer(settings.authorizer_timeout, settings.authorizer_cache_ttl)
         self.hub = Hub()
         self.scheduler = Scheduler(self.storage, interval=settings.schedule_interval, lease=settings.schedule_lease)
@@ -71,10 +73,8 @@ class Eddy:
                 self.dev_secret_file,
             )
         await self.storage.open()
-        if self.settings.config:
-            mappings = read_collection_mappings(self.settings.config)
-            if mappings:
-                await self.storage.follow_collections(mappings)
+        if self.collection_mappings:
+            await self.storage.follow_collections(self.collection_mappings)
         self.watcher.start(after=await self.storage.last_position())
         self.presence.start()
         self.scheduler.start()

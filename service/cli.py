@@ -19,8 +19,8 @@ import tornado.netutil
 import tornado.process
 
 from .auth import TokenVerifier, resolve_secret
-from .config import Settings, add_setting_flags, redacted_url
-from .logs import configure_logging
+from .config import Settings, add_setting_flags
+from .logs import configure_logging, redacted_url
 
 log = logging.getLogger("eddy")
 

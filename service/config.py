@@ -13,7 +13,6 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 
 def setting(default: Any, help: str, *, flag: bool = False, secret: bool = False) -> Any:
@@ -140,13 +139,17 @@ class Settings:
         return out
 
 
-def read_config_file(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(settings, channel rule tables) from a TOML file; ``ValueError`` names what is wrong."""
+def _load_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
-            document = tomllib.load(handle)
+            return tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"cannot read config file {path}: {exc}") from None
+
+
+def read_config_file(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(settings, channel rule tables) from a TOML file; ``ValueError`` names what is wrong."""
+    document = _load_toml(path)
     document.pop("collections", None)  # read by read_collection_mappings
     rules = document.pop("channels", [])
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
@@ -166,20 +169,10 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def read_collection_mappings(path: str) -> list[dict[str, Any]]:
     """The ``[[collections]]`` tables of a TOML file: application collections whose changes become events."""
-    with open(path, "rb") as handle:
-        tables = tomllib.load(handle).get("collections", [])
+    tables = _load_toml(path).get("collections", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ValueError(f"{path}: collections must be an array of tables ([[collections]])")
     return tables
-
-
-def redacted_url(url: str) -> str:
-    """A storage URL fit for logs: no password, no query string (it may carry credentials)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def env_name(name: str) -> str:

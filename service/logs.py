@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
@@ -27,6 +27,15 @@ def redact_uri(uri: str) -> str:
         return uri
     pairs = [(k, "***" if k.lower() in SECRET_PARAMETERS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
     return parts._replace(query=urlencode(pairs, safe="*")).geturl()
+
+
+def redacted_url(url: str) -> str:
+    """A storage URL fit for logs: no password, no query string (it may carry credentials)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def log_request(handler) -> None:

@@ -41,12 +41,14 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import bson
+import orjson
 from bson.objectid import ObjectId
 from motor.motor_asyncio import AsyncIOMotorClient
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
@@ -87,6 +89,15 @@ OWN_OPTIONS = {"eddy_prefix", "max_await_ms", "transaction_timeout"}
 _COUNTER_ID = "events"
 
 
+@contextmanager
+def driver_errors() -> Iterator[None]:
+    """The driver's failures (network, server selection, server errors) as :class:`StorageUnavailable`."""
+    try:
+        yield
+    except PyMongoError as exc:
+        raise StorageUnavailable(f"MongoDB unavailable: {exc}") from exc
+
+
 def _instant(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
@@ -108,15 +119,11 @@ def _store_data(document: dict[str, Any], data: Any) -> None:
     if _encodable(data):
         document["data"] = data
     else:  # e.g. integers beyond 64 bits, or keys an older server refuses
-        import orjson
-
         document["data_json"] = orjson.dumps(data).decode()
 
 
 def _load_data(document: dict[str, Any]) -> Any:
     if "data_json" in document:
-        import orjson
-
         return orjson.loads(document["data_json"])
     return document.get("data")
 
@@ -338,7 +345,7 @@ class MongoStorage(Storage):
     async def history(self, tenant: str, channel: str, *, after: int = 0, limit: int = 100) -> History:
         self._check_open()
         oldest_allowed = self.now() - self.history_ttl
-        try:
+        with driver_errors():
             cursor = self.events.find(
                 {"tenant": tenant, "channel": channel, "ephemeral": False, "position": {"$gt": after},
                  "timestamp": {"$gte": oldest_allowed}},
@@ -348,8 +355,6 @@ class MongoStorage(Storage):
             expired = await self.events.find_one(
                 {"tenant": tenant, "channel": channel, "ephemeral": False, "timestamp": {"$lt": oldest_allowed}},
                 sort=[("position", DESCENDING)], projection={"position": 1})
-        except PyMongoError as exc:
-            raise StorageUnavailable(f"MongoDB read failed: {exc}") from exc
         through = max((trimmed or {}).get("through", 0), (expired or {}).get("position", 0))
         return History(events=events, lost=after < through)
 
@@ -397,10 +402,7 @@ class MongoStorage(Storage):
 
     async def last_position(self) -> int:
         self._check_open()
-        try:
-            counter = await self.counters.find_one({"_id": _COUNTER_ID})
-        except PyMongoError as exc:
-            raise StorageUnavailable(f"MongoDB unavailable: {exc}") from exc
+        counter = await self._call(self.counters.find_one({"_id": _COUNTER_ID}))
         return int(counter["seq"]) if counter else 0
 
     async def _events_between(self, after: int, before: int | None = None) -> list[Event]:
@@ -463,10 +465,7 @@ class MongoStorage(Storage):
     async def ping(self) -> None:
         self._check_open()
         assert self._client is not None
-        try:
-            await self._client.admin.command("ping")
-        except PyMongoError as exc:
-            raise StorageUnavailable(f"MongoDB unavailable: {exc}") from exc
+        await self._call(self._client.admin.command("ping"))
 
     # Presence and read receipts --------------------------------------------
 
@@ -479,30 +478,30 @@ class MongoStorage(Storage):
         requests = [ReplaceOne({"_id": _key(e.tenant, e.channel, e.connection_id)},
                                {**dataclasses.asdict(e), "expire_at": _instant(e.expires_at)}, upsert=True)
                     for e in entries]
-        await self._write(self.presence_entries.bulk_write(requests, ordered=False))
+        await self._call(self.presence_entries.bulk_write(requests, ordered=False))
 
     async def remove_presence(self, connection_id: str, channels: list[tuple[str, str]]) -> None:
         self._check_open()
         if channels:
             ids = [_key(tenant, channel, connection_id) for tenant, channel in channels]
-            await self._write(self.presence_entries.delete_many({"_id": {"$in": ids}}))
+            await self._call(self.presence_entries.delete_many({"_id": {"$in": ids}}))
 
     async def presence(self, tenant: str, channel: str) -> list[PresenceEntry]:
         self._check_open()
         query = {"tenant": tenant, "channel": channel, "expires_at": {"$gt": self.now()}}
         fields = {f.name for f in dataclasses.fields(PresenceEntry)}
-        documents = await self._read(self.presence_entries.find(query).to_list(None))
+        documents = await self._call(self.presence_entries.find(query).to_list(None))
         return [PresenceEntry(**{k: v for k, v in d.items() if k in fields}) for d in documents]
 
     async def save_read(self, tenant: str, channel: str, receipt: ReadReceipt) -> None:
         self._check_open()
         document = {"tenant": tenant, "channel": channel, **dataclasses.asdict(receipt)}
-        await self._write(self.read_receipts.replace_one({"_id": _key(tenant, channel, receipt.user_id)},
+        await self._call(self.read_receipts.replace_one({"_id": _key(tenant, channel, receipt.user_id)},
                                                          document, upsert=True))
 
     async def reads(self, tenant: str, channel: str) -> list[ReadReceipt]:
         self._check_open()
-        documents = await self._read(self.read_receipts.find({"tenant": tenant, "channel": channel}).to_list(None))
+        documents = await self._call(self.read_receipts.find({"tenant": tenant, "channel": channel}).to_list(None))
         return [ReadReceipt(d["user_id"], d["message_id"], d["read_at"]) for d in documents]
 
     # Scheduled events --------------------------------------------------------
@@ -519,7 +518,7 @@ class MongoStorage(Storage):
         try:
             await self.schedule_entries.insert_one(document)
         except DuplicateKeyError:
-            existing = await self._read(self.schedule_entries.find_one({"_id": item.id}))
+            existing = await self._call(self.schedule_entries.find_one({"_id": item.id}))
             return _to_scheduled(existing) if existing else item
         except PyMongoError as exc:
             raise StorageUnavailable(f"MongoDB write failed: {exc}") from exc
@@ -530,24 +529,24 @@ class MongoStorage(Storage):
         query: dict[str, Any] = {"tenant": tenant}
         if channel is not None:
             query["channel"] = channel
-        documents = await self._read(self.schedule_entries.find(query).sort([("deliver_at", 1), ("_id", 1)])
+        documents = await self._call(self.schedule_entries.find(query).sort([("deliver_at", 1), ("_id", 1)])
                                      .to_list(None))
         items = [_to_scheduled(d) for d in documents]
         if not items:
             return []
         keys = [publication_key(i.id) for i in items]
-        published = await self._read(self.events.distinct(
-            "idempotency_key", {"tenant": tenant, "idempotency_key": {"$in": keys}}))
-        return [i for i in items if publication_key(i.id) not in set(published)]
+        published = set(await self._call(self.events.distinct(
+            "idempotency_key", {"tenant": tenant, "idempotency_key": {"$in": keys}})))
+        return [i for i in items if publication_key(i.id) not in published]
 
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
         self._check_open()
         now = self.now()
-        deleted = await self._write(self.schedule_entries.delete_one(
+        deleted = await self._call(self.schedule_entries.delete_one(
             {"_id": scheduled_id, "tenant": tenant, "claimed_until": {"$lte": now}}))
         if deleted.deleted_count:
             return True
-        exists = await self._read(self.schedule_entries.find_one({"_id": scheduled_id, "tenant": tenant}))
+        exists = await self._call(self.schedule_entries.find_one({"_id": scheduled_id, "tenant": tenant}))
         return None if exists is None else False
 
     async def claim_due(self, owner: str, now: float, lease: float, limit: int) -> list[ScheduledEvent]:
@@ -555,7 +554,7 @@ class MongoStorage(Storage):
         claimed = []
         for _ in range(limit):
             # One conditional update per event: atomic, so two instances never hold the same claim.
-            document = await self._write(self.schedule_entries.find_one_and_update(
+            document = await self._call(self.schedule_entries.find_one_and_update(
                 {"deliver_at": {"$lte": now}, "claimed_until": {"$lte": now}},
                 {"$set": {"owner": owner, "claimed_until": now + lease}},
                 sort=[("deliver_at", ASCENDING), ("_id", ASCENDING)], return_document=ReturnDocument.AFTER))
@@ -567,7 +566,7 @@ class MongoStorage(Storage):
     async def complete_scheduled(self, scheduled_ids: list[str]) -> None:
         self._check_open()
         if scheduled_ids:
-            await self._write(self.schedule_entries.delete_many({"_id": {"$in": scheduled_ids}}))
+            await self._call(self.schedule_entries.delete_many({"_id": {"$in": scheduled_ids}}))
 
     # Application collections -------------------------------------------------
 
@@ -580,18 +579,10 @@ class MongoStorage(Storage):
     # Helpers -------------------------------------------------------------------
 
     @staticmethod
-    async def _write(operation: Any) -> Any:
-        try:
+    async def _call(operation: Any) -> Any:
+        """Await a driver call; its failures become :class:`StorageUnavailable`."""
+        with driver_errors():
             return await operation
-        except PyMongoError as exc:
-            raise StorageUnavailable(f"MongoDB write failed: {exc}") from exc
-
-    @staticmethod
-    async def _read(operation: Any) -> Any:
-        try:
-            return await operation
-        except PyMongoError as exc:
-            raise StorageUnavailable(f"MongoDB read failed: {exc}") from exc
 
 
 # Watching the application's own collections ------------------------------------

@@ -35,6 +35,7 @@ from .base import (
     Storage,
     StorageError,
     StorageUnavailable,
+    publication_key,
     scheduled_id_for,
 )
 
@@ -425,8 +426,8 @@ class SQLiteStorage(Storage):
         rows = await self._read(
             self._query,
             f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE {where} AND NOT EXISTS (SELECT 1 FROM events"
-            " WHERE events.tenant = scheduled.tenant AND events.idempotency_key = 'scheduled:' || scheduled.id)"
-            " ORDER BY deliver_at, id", parameters)
+            " WHERE events.tenant = scheduled.tenant AND events.idempotency_key = ? || scheduled.id)"
+            " ORDER BY deliver_at, id", (*parameters, publication_key("")))
         return [_row_to_scheduled(row) for row in rows]
 
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
@@ -540,18 +541,28 @@ class SQLiteStorage(Storage):
                     after = event.position
                 if len(rows) == FEED_BATCH:
                     continue
-                # Wait for a local commit or the poll interval, then look at
-                # data_version, which changes when any other connection commits
-                # (this process's writer, or another process). A timer rather than
-                # asyncio.wait_for: on Python 3.11, wait_for can swallow a cancellation
-                # that lands as its timeout fires, and this loop runs 200 times a second.
+                # Wait for a local commit (read at once), or poll data_version,
+                # which changes when any other connection (another process, too)
+                # commits. A timer rather than asyncio.wait_for: on Python 3.11,
+                # wait_for can swallow a cancellation that lands as its timeout
+                # fires, and this loop runs 200 times a second.
                 loop = asyncio.get_running_loop()
+                polled = False
+
+                def poll() -> None:
+                    nonlocal polled
+                    polled = True
+                    wakeup.set()
+
                 while not self._closed:
-                    timer = loop.call_later(self.poll_interval, wakeup.set)
+                    polled = False
+                    timer = loop.call_later(self.poll_interval, poll)
                     try:
                         await wakeup.wait()
                     finally:
                         timer.cancel()
+                    if not polled:
+                        break  # a local commit: read it at once
                     wakeup.clear()
                     current = await self._read(self._data_version)
                     if current != version:
