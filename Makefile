@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# Two stamps: serving needs Eddy and its runtime dependencies only; tests and benchmarks add their tools.
+SERVE_STAMP := $(VENV)/.installed-serve
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: serve test bench loadtest docs clean
 
@@ -10,23 +12,27 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test,bench]'
-	touch $(STAMP)
+$(SERVE_STAMP): $(PY) setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	touch $(SERVE_STAMP)
 
-serve: $(STAMP)
+$(TEST_STAMP): $(SERVE_STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(TEST_STAMP)
+
+serve: $(SERVE_STAMP)
 	$(VENV)/bin/eddy serve
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) -m loadtests.bench $(BENCH_ARGS)
 
-loadtest: $(STAMP)
+loadtest: $(TEST_STAMP)
 	$(PY) -m loadtests.loadtest $(LOADTEST_ARGS)
 
-docs: $(STAMP)
+docs: $(SERVE_STAMP)
 	$(PY) -m service.config > docs/CONFIGURATION.md
 
 clean:
