@@ -13,9 +13,10 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import jwt
+
+from storage import sqlite_file
 
 log = logging.getLogger("eddy.auth")
 
@@ -195,12 +196,8 @@ def token_from_request(headers, query_argument) -> str | None:
 
 def default_secret_file(storage_url: str) -> Path:
     """``eddy.secret`` beside the SQLite database, or in the working directory."""
-    parts = urlsplit(storage_url)
-    if parts.scheme == "sqlite" and parts.path not in ("", "/"):
-        # sqlite:///relative.db has path "/relative.db", sqlite:////abs.db has "//abs.db":
-        # dropping the first slash gives the file path in both cases.
-        return Path(parts.path[1:]).parent / "eddy.secret"
-    return Path("eddy.secret")
+    database = sqlite_file(storage_url)
+    return database.parent / "eddy.secret" if database is not None else Path("eddy.secret")
 
 
 def resolve_secret(jwt_secret: str, secret_file: str, storage_url: str, *, create: bool) -> tuple[str, Path | None]:

@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
+from storage import sqlite_file
+
 access_log = logging.getLogger("eddy.access")
 
 #: Query parameters whose values never reach a log line.
@@ -30,7 +32,15 @@ def redact_uri(uri: str) -> str:
 
 
 def redacted_url(url: str) -> str:
-    """A storage URL fit for logs: no password, no query string (it may carry credentials)."""
+    """A storage URL fit for logs: no password, no query string (it may carry credentials).
+
+    A SQLite URL is shown as the absolute path of its database file, so that
+    ``sqlite:///var/lib/eddy.db`` (relative: three slashes) cannot pass for
+    ``/var/lib/eddy.db`` (four slashes).
+    """
+    database = sqlite_file(url)
+    if database is not None:
+        return f"sqlite file {database.absolute()}"
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from importlib import import_module
 from importlib.metadata import entry_points
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from .base import (
@@ -44,6 +45,7 @@ __all__ = [
     "open_storage",
     "parse_event_id",
     "publication_key",
+    "sqlite_file",
     "ENTRY_POINT_GROUP",
 ]
 
@@ -74,6 +76,19 @@ def backend_for(url: str) -> Callable[..., Storage]:
         if entry_point.name == scheme:
             return entry_point.load()
     raise ValueError(f"no storage backend for scheme {scheme!r}")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file a ``sqlite://`` URL names; None for other schemes or no path.
+
+    Like SQLAlchemy's URLs: ``sqlite:///eddy.db`` (three slashes) is ``eddy.db``
+    relative to the working directory, ``sqlite:////var/lib/eddy/eddy.db``
+    (four) is the absolute path ``/var/lib/eddy/eddy.db``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite" or parts.path in ("", "/"):
+        return None
+    return Path(parts.path[1:])  # "/rel.db" -> "rel.db", "//abs.db" -> "/abs.db"
 
 
 def open_storage(url: str, **options: float) -> Storage:

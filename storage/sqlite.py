@@ -18,12 +18,12 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
+from . import sqlite_file
 from .base import (
     EPHEMERAL_TTL,
     Event,
@@ -122,10 +122,11 @@ class SQLiteStorage(Storage):
     def __init__(self, url: str, **options: float) -> None:
         super().__init__(**options)
         parts = urlsplit(url)
-        if parts.scheme != "sqlite" or parts.path in ("", "/") or parts.path == "/:memory:":
+        path = sqlite_file(url)
+        if path is None or str(path) == ":memory:":
             raise ValueError(f"expected sqlite:///path/to/file.db, got {url!r}")
         self.url = url
-        self.path = Path(parts.path[1:])  # "/rel.db" -> "rel.db", "//abs.db" -> "/abs.db"
+        self.path = path
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         self.poll_interval = float(query.get("poll_interval", 0.005))
         self.busy_timeout = float(query.get("busy_timeout", 5.0))

@@ -6,7 +6,7 @@ import logging
 
 import orjson
 
-from service.logs import JsonFormatter, redact_uri
+from service.logs import JsonFormatter, redact_uri, redacted_url
 
 
 def test_credential_parameters_are_redacted():
@@ -14,6 +14,14 @@ def test_credential_parameters_are_redacted():
     assert redact_uri("/ws/t/stream?token=abc") == "/ws/t/stream?token=***"
     assert redact_uri("/api/channels/c/events?after=3") == "/api/channels/c/events?after=3"
     assert "secret" not in redact_uri("/ws?TOKEN=secret&Access_Token=secret")
+
+
+def test_storage_urls_in_logs_hide_credentials_and_name_the_sqlite_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path.resolve()
+    assert redacted_url("sqlite:///var/lib/eddy/eddy.db") == f"sqlite file {here}/var/lib/eddy/eddy.db"
+    assert redacted_url("sqlite:////var/lib/eddy/eddy.db") == "sqlite file /var/lib/eddy/eddy.db"
+    assert redacted_url("mongodb://eddy:hunter2@db:27017/eddy?authSource=admin") == "mongodb://***@db:27017/eddy"
 
 
 def test_json_lines_carry_connection_ids_and_exceptions():

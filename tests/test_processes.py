@@ -138,6 +138,8 @@ async def test_development_secret_is_shared_by_serve_and_token(processes, tmp_pa
     log = server.output()
     assert "access_token=***" in log
     assert "DEVELOPMENT SECRET IN USE" in log
+    # Three slashes make a relative path: the log names the file it really is.
+    assert f"(storage sqlite file {tmp_path.resolve() / 'data' / 'eddy.db'}," in log
     assert secret not in log and minted not in log
 
 
