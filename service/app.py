@@ -253,7 +253,8 @@ class Eddy:
         return checks
 
     def stats(self, tenant: str) -> dict[str, Any]:
-        """This process's view: its totals, and the tenant's channels with subscribers and event rates."""
+        """This process's view: its totals, the watcher's lag, the delivery-latency histogram, the tenant's
+        slowest consumers, and the tenant's channels with subscribers and event counts."""
         uptime = max(time.time() - self.started_at, 1e-9)
         subscribers = self.hub.tenant_channels(tenant)
         counts = {channel: n for (owner, channel), n in self.hub.channel_events.items() if owner == tenant}
@@ -267,6 +268,10 @@ class Eddy:
                         "channels": self.hub.channel_count, "uptime_seconds": round(uptime, 1),
                         "events_fanned_out": self.hub.events_published, "deliveries": self.hub.deliveries,
                         "watcher_position": self.watcher.position},
+            "watcher": {"position": self.watcher.position, "lag_seconds": round(self.watcher.lag, 6),
+                        "connected": self.watcher.connected, "failures": self.watcher.failures},
+            "delivery_latency": metrics.histogram_counts(metrics.DELIVERY_LATENCY),
+            "slowest_consumers": self.hub.slowest(tenant),
             "channels": channels,
         }
 

@@ -14,14 +14,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
 from storage import Event
 
 from . import metrics
-from .frames import PreparedMessage
+from .frames import PROTOCOL_EVENT_PREFIX, PreparedMessage
 
 log = logging.getLogger("eddy.hub")
 
@@ -37,6 +37,10 @@ class Subscriber(Protocol):
 
     def write_outbox(self) -> None:
         """Write the frames queued since the last call (see :meth:`Hub.write_soon`)."""
+
+    # Optional, read with getattr so a transport may leave them out (the dashboard then shows no figure):
+    # ``queued_bytes() -> int``: bytes accepted for this connection and not yet taken by the kernel;
+    # ``connection_id: str`` and ``identity.user_id``: who it is, for the slowest-consumer list.
 
 
 class Hub:
@@ -121,12 +125,33 @@ class Hub:
         """Local subscriber counts of one tenant's channels."""
         return {channel: len(members) for (owner, channel), members in self._channels.items() if owner == tenant}
 
+    def slowest(self, tenant: str, limit: int = 5) -> list[dict[str, Any]]:
+        """The tenant's connections with the most bytes queued and not yet sent, most first.
+
+        Only connections that report ``queued_bytes()`` are listed; a connection
+        belongs to the tenant when it is subscribed to one of the tenant's
+        channels (every connection is in its tenant's ``tenant`` room).
+        """
+        members = {s for (owner, _), subscribers in self._channels.items() if owner == tenant for s in subscribers}
+        queued = []
+        for subscriber in members:
+            measure = getattr(subscriber, "queued_bytes", None)
+            if measure is None:
+                continue
+            queued.append({"connection_id": getattr(subscriber, "connection_id", None),
+                           "user_id": getattr(getattr(subscriber, "identity", None), "user_id", None),
+                           "queued_bytes": measure()})
+        queued.sort(key=lambda entry: entry["queued_bytes"], reverse=True)
+        return queued[:limit]
+
     # Fan-out ---------------------------------------------------------------
 
     def publish(self, event: Event) -> int:
         """Deliver ``event`` to every local subscriber of its channel; returns how many."""
         self.events_published += 1
-        self.channel_events[(event.tenant, event.channel)] = self.channel_events.get((event.tenant, event.channel), 0) + 1
+        if not event.event.startswith(PROTOCOL_EVENT_PREFIX):  # typing, reads, presence are not the channel's events
+            key = (event.tenant, event.channel)
+            self.channel_events[key] = self.channel_events.get(key, 0) + 1
         members = self._channels.get((event.tenant, event.channel))
         if not members:
             return 0

@@ -9,6 +9,7 @@ channels or users: cardinality stays fixed and nothing confidential is exposed.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,6 +42,29 @@ SLOW_CONSUMERS = Counter("eddy_slow_consumer_disconnects_total", "Sockets closed
 AUTH_FAILURES = Counter("eddy_auth_failures_total", "Refused tokens, by code.", ["reason"])
 RATE_LIMITED = Counter("eddy_rate_limited_total", "Frames or requests refused by a rate limit.", ["kind"])
 FRAME_ERRORS = Counter("eddy_frame_errors_total", "Client frames answered with an error, by code.", ["code"])
+
+
+def histogram_counts(histogram: Histogram) -> dict[str, Any]:
+    """This process's observations in ``histogram``, per bucket (not cumulative), for ``/api/stats``.
+
+    ``{"bounds": [0.001, …, "+Inf"], "counts": [n, …], "count": N, "sum": seconds}``: ``counts[i]`` observations
+    fell at or under ``bounds[i]`` and over the bound before it.
+    """
+    bounds: list[float | str] = []
+    cumulative: list[float] = []
+    total = observed = 0.0
+    for family in histogram.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                bound = float(sample.labels["le"])
+                bounds.append(bound if bound != float("inf") else "+Inf")
+                cumulative.append(sample.value)
+            elif sample.name.endswith("_count"):
+                observed = sample.value
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+    counts = [int(n - previous) for n, previous in zip(cumulative, [0.0, *cumulative[:-1]])]
+    return {"bounds": bounds, "counts": counts, "count": int(observed), "sum": round(total, 6)}
 
 
 def render() -> tuple[bytes, str]:

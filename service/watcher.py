@@ -40,6 +40,8 @@ class Watcher:
         self.position: int | None = None
         #: Seconds-since-epoch timestamp of that event, for lag reporting.
         self.last_event_time: float | None = None
+        #: How late (seconds after the store accepted it) that event was handed to the hub.
+        self.lag = 0.0
         self.failures = 0
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -116,7 +118,7 @@ class Watcher:
                     self.hub.publish(event)
                     self.position = event.position
                     self.last_event_time = event.timestamp
-                    late = max(0.0, time.time() - event.timestamp)
+                    self.lag = late = max(0.0, time.time() - event.timestamp)
                     metrics.EVENTS_FANNED_OUT.inc()
                     metrics.DELIVERY_LATENCY.observe(late)
                     metrics.WATCHER_LAG.set(late)

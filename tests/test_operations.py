@@ -71,6 +71,13 @@ async def test_stats_show_this_tenants_channels_only(http_server, http_port):
     assert stats["channels"]["orders"]["subscribers"] == 1 and stats["channels"]["orders"]["events"] == 1
     assert "secret-plans" not in stats["channels"]
     assert (await http(http_port, "GET", "/api/stats")).code == 401
+    # The live figures: the watcher's lag, and this process's delivery-latency histogram counting the event.
+    assert stats["watcher"]["position"] == stats["process"]["watcher_position"] and stats["watcher"]["connected"]
+    assert 0 <= stats["watcher"]["lag_seconds"] < 5
+    latency = stats["delivery_latency"]
+    assert len(latency["bounds"]) == len(latency["counts"]) and latency["bounds"][-1] == "+Inf"
+    assert sum(latency["counts"]) == latency["count"] >= 1
+    assert isinstance(stats["slowest_consumers"], list)
     acme.close()
     globex.close()
 

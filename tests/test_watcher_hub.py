@@ -9,7 +9,7 @@ import pytest
 from service.frames import PreparedMessage
 from service.hub import Hub
 from service.watcher import Watcher
-from storage import EventDraft, StorageUnavailable
+from storage import Event, EventDraft, StorageUnavailable
 from storage.memory import MemoryStorage
 
 
@@ -162,3 +162,33 @@ def test_websocket_frame_lengths(size):
         assert frame[1] == 126 and int.from_bytes(frame[2:4], "big") == size and len(frame) == size + 4
     else:
         assert frame[1] == 127 and int.from_bytes(frame[2:10], "big") == size and len(frame) == size + 10
+
+
+def test_hub_lists_a_tenants_slowest_consumers_and_counts_no_protocol_events():
+    class Queued(Recorder):
+        def __init__(self, connection_id: str, queued: int) -> None:
+            super().__init__()
+            self.connection_id = connection_id
+            self.queued = queued
+
+        def queued_bytes(self) -> int:
+            return self.queued
+
+    hub = Hub()
+    slow, fast, quiet, other = Queued("slow", 9000), Queued("fast", 0), Recorder(), Queued("globex", 10**6)
+    for subscriber in (slow, fast, quiet):
+        hub.subscribe(("acme", "tenant"), subscriber)
+    hub.subscribe(("acme", "orders"), slow)
+    hub.subscribe(("globex", "tenant"), other)
+    # The tenant's connections that report a queue, most queued first; never another tenant's.
+    assert [(e["connection_id"], e["queued_bytes"]) for e in hub.slowest("acme")] == [("slow", 9000), ("fast", 0)]
+    assert [e["connection_id"] for e in hub.slowest("acme", limit=1)] == ["slow"]
+    assert [e["connection_id"] for e in hub.slowest("globex")] == ["globex"]
+
+    def event(name: str, position: int) -> Event:
+        return Event(position, "acme", "orders", name, {"user_id": "bob"}, 0.0)
+
+    for position, name in enumerate(["order.created", "$typing", "$presence", "$read", "order.paid"], start=1):
+        hub.publish(event(name, position))
+    assert hub.channel_events == {("acme", "orders"): 2}  # what the feed shows: not typing, presence, reads
+    assert hub.events_published == 5 and len(slow.messages) == 5
