@@ -2,6 +2,7 @@
 // publish over POST /api/events. Plain DOM code on top of eddy.js.
 
 import { Eddy } from "/static/eddy.js";
+import { LiveCharts, formatBytes, formatRate } from "/static/live.js";
 
 const TOKEN_KEY = "eddy.dashboard.token";
 const CHANNELS_KEY = "eddy.dashboard.channels";
@@ -9,6 +10,7 @@ const FEED_LIMIT = 200; // events kept in the feed (newest first)
 const LOG_LIMIT = 40; // connection log entries
 const ERROR_LIMIT = 20;
 const RATE_WINDOW_S = 10; // events/s is measured over this window
+const STATS_EVERY_MS = 1000; // how often the live charts ask the server for its figures
 const TYPING_SHOWN_MS = 6000; // the server clears a typing indicator after 6 s without refresh
 const TYPING_SEND_EVERY_MS = 3000;
 
@@ -87,7 +89,7 @@ function signIn(value) {
 
 async function devToken() {
   const roles = $("dev-roles").value.split(",").map((r) => r.trim()).filter(Boolean);
-  const body = { sub: $("dev-sub").value.trim() || "dashboard", tenant: $("dev-tenant").value.trim() || "dev", roles };
+  const body = { sub: $("dev-sub").value.trim() || "dashboard", tenant: $("dev-tenant").value.trim() || "parking", roles };
   say("signin-message", "Asking the server for a development token…");
   let response;
   try {
@@ -127,6 +129,7 @@ function signOut() {
   $("presence-list").replaceChildren();
   $("feed").replaceChildren();
   feedTotal = 0;
+  live.reset();
   $("app").hidden = true;
   $("signout").hidden = true;
   $("identity").textContent = "";
@@ -446,7 +449,7 @@ $("clear-feed").addEventListener("click", () => {
   $("feed").replaceChildren();
 });
 
-// The admin view: GET /api/stats (this tenant's channels, this process's connections).
+// The server's view: GET /api/stats every second, into the live charts and the tables.
 async function refreshStats() {
   if (!token() || $("app").hidden) return;
   let body;
@@ -460,12 +463,34 @@ async function refreshStats() {
   const process = body.process || {};
   $("stats-process").textContent =
     `pid ${process.pid} · ${process.connections} connections · up ${Math.round(process.uptime_seconds || 0)} s`;
+  live.update(body);
+  renderWatcher(body.watcher);
   const rows = Object.entries(body.channels || {}).map(([name, channel]) =>
-    el("tr", { "data-channel": name }, el("td", {}, name), el("td", {}, String(channel.subscribers)),
-      el("td", {}, String(channel.events)), el("td", {}, String(channel.events_per_second))));
+    el("tr", { "data-channel": name }, el("td", {}, name), el("td", { className: "num" }, String(channel.subscribers)),
+      el("td", { className: "num" }, String(channel.events)),
+      el("td", { className: "num" }, formatRate(live.rates[name]))));
   $("stats-channels").replaceChildren(...rows);
+  const slowest = (body.slowest_consumers || []).map((entry) =>
+    el("tr", { "data-connection": entry.connection_id },
+      el("td", { title: entry.connection_id || "" }, (entry.connection_id || "?").slice(0, 8)),
+      el("td", {}, entry.user_id || ""), el("td", { className: "num" }, formatBytes(entry.queued_bytes))));
+  $("slowest-rows").replaceChildren(...slowest);
+  $("slowest-note").textContent = slowest.length
+    ? "This tenant's connections with the most bytes waiting to be sent."
+    : "No connection of this tenant on this process reports its send queue.";
 }
-setInterval(refreshStats, 5000);
+
+function renderWatcher(watcher) {
+  const node = $("watcher");
+  if (!watcher) return;
+  const lag = watcher.lag_seconds < 1 ? `${(watcher.lag_seconds * 1000).toFixed(1)} ms` : `${watcher.lag_seconds.toFixed(2)} s`;
+  node.dataset.state = watcher.connected ? "following" : "behind";
+  node.textContent = `watcher ${watcher.connected ? "following" : "retrying"} · lag ${lag} · position ${watcher.position ?? "–"}` +
+    (watcher.failures ? ` · ${watcher.failures} recovered errors` : "");
+}
+
+const live = new LiveCharts($("live"));
+setInterval(refreshStats, STATS_EVERY_MS);
 window.addEventListener("eddy-stats-refresh", refreshStats); // lets a test ask for a refresh now
 
 // Rates, typing expiry and the reconnect countdown move with time.
