@@ -219,6 +219,11 @@ async def _tail(args: argparse.Namespace, secret: str) -> int:
     return 1
 
 
+def local_port() -> str:
+    """The port ``eddy serve`` uses in this environment (``EDDY_PORT``, else 8888): the clients' default."""
+    return os.environ.get("EDDY_PORT") or "8888"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eddy", description="Eddy real-time event service")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -237,14 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     publish_parser.add_argument("channel", help="channel name")
     publish_parser.add_argument("event", help="event name")
     publish_parser.add_argument("data", metavar="JSON", help="the event's data, as JSON ('{\"n\":1}', 'null' …)")
-    publish_parser.add_argument("--url", default="http://127.0.0.1:8888", help="the server's base URL")
+    publish_parser.add_argument("--url", default=f"http://127.0.0.1:{local_port()}",
+                                help="the server's base URL (default: this machine, port $EDDY_PORT or 8888)")
     publish_parser.add_argument("--token", default=None, help="client token (default: $EDDY_TOKEN)")
     publish_parser.add_argument("--idempotency-key", default=None, help="store it once however often it is retried")
 
     tail_parser = commands.add_parser("tail", help="print every frame of channels as JSON lines (reconnects)")
     tail_parser.add_argument("channels", nargs="+", metavar="CHANNEL", help="channels to join")
     tail_parser.add_argument("--since", default=None, help="first replay the stored events after this id")
-    tail_parser.add_argument("--url", default="ws://127.0.0.1:8888/ws", help="the server's WebSocket URL")
+    tail_parser.add_argument("--url", default=f"ws://127.0.0.1:{local_port()}/ws",
+                             help="the server's WebSocket URL (default: this machine, port $EDDY_PORT or 8888)")
     tail_parser.add_argument("--token", default=None, help="client token (default: $EDDY_TOKEN)")
     return parser
 

@@ -72,7 +72,10 @@ class Settings:
     max_buffered_bytes: int = setting(
         1 << 20, "Unsent bytes a socket may queue before it is closed as a slow consumer (4008)."
     )
-    max_frame_bytes: int = setting(64 * 1024, "Largest client frame accepted; larger closes with 1009.")
+    max_frame_bytes: int = setting(
+        64 * 1024, "Largest client frame accepted; a larger one is answered with FRAME_TOO_LARGE and the socket "
+        "stays open; one over 4x this is not read and closes the socket with 1009."
+    )
     max_channels_per_connection: int = setting(100, "Channels one socket may join.")
     max_connections_per_ip: int = setting(1000, "Sockets one client address may hold per process (429 above).")
     frame_rate: float = setting(50.0, "Client frames per second a socket may send on average (RATE_LIMITED above).")
@@ -83,7 +86,7 @@ class Settings:
     )
     rest_burst: int = setting(2000, "HTTP requests one token may make at once.")
     shutdown_timeout: float = setting(
-        10.0, "Seconds a SIGTERM shutdown may take (clients told to reconnect, writes drained, storage closed)."
+        10.0, "Seconds a SIGTERM shutdown may take (clients told to reconnect, sockets closed, storage closed)."
     )
     trust_proxy_headers: bool = setting(
         False, "True behind a proxy that sets X-Forwarded-For/X-Real-Ip (client addresses for per-IP limits)."
