@@ -273,8 +273,8 @@ def test_development_token_defaults_to_the_readmes_tenant(tmp_path, driver):
         driver.execute_script("sessionStorage.clear()")
         driver.get(eddy.url + "/")
         driver.find_element(By.CSS_SELECTOR, "[data-testid=dev-token-button]").click()
-        state = lambda: driver.find_element(By.ID, "state").get_attribute("data-state")  # noqa: E731
-        wait_for(driver, lambda: state() == "connected", "the development token did not connect")
+        wait_for(driver, lambda: driver.find_element(By.ID, "state").get_attribute("data-state") == "connected",
+                 "the development token did not connect")
         assert driver.find_element(By.ID, "identity").text == "dashboard @ parking"
         driver.find_element(By.CSS_SELECTOR, "[data-testid=join-input]").send_keys("tickets")
         driver.find_element(By.CSS_SELECTOR, "[data-testid=join-button]").click()

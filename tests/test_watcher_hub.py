@@ -25,6 +25,9 @@ class Recorder:
     def close(self, code=None, reason=None) -> None:
         pass
 
+    def write_outbox(self) -> None:
+        pass  # deliver() keeps messages in hand; there is no socket to write
+
     @property
     def ids(self) -> list[int]:
         import orjson
