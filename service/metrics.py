@@ -63,7 +63,7 @@ def histogram_counts(histogram: Histogram) -> dict[str, Any]:
                 observed = sample.value
             elif sample.name.endswith("_sum"):
                 total = sample.value
-    counts = [int(n - previous) for n, previous in zip(cumulative, [0.0, *cumulative[:-1]])]
+    counts = [int(n - previous) for n, previous in zip(cumulative, [0.0, *cumulative[:-1]], strict=True)]
     return {"bounds": bounds, "counts": counts, "count": int(observed), "sum": round(total, 6)}
 
 
