@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -49,9 +50,10 @@ def free_port() -> int:
 class Server:
     """``python -m service serve`` on a fixed port and SQLite file, so it can be killed and started again."""
 
-    def __init__(self, directory: Path, secret: str | None = SECRET) -> None:
+    def __init__(self, directory: Path, secret: str | None = SECRET, args: tuple[str, ...] = ()) -> None:
         self.directory = directory
         self.secret = secret  # None: the development secret, as under `make serve`
+        self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.storage = f"sqlite:///{directory}/eddy.db"
@@ -67,7 +69,7 @@ class Server:
         self.log = open(self.directory / f"eddy-{self.runs}.log", "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--address", "127.0.0.1",
-             "--storage", self.storage],
+             "--storage", self.storage, *self.args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.directory,
         )
         deadline = time.monotonic() + timeout
@@ -290,6 +292,36 @@ def test_development_token_defaults_to_the_readmes_tenant(tmp_path, driver):
             By.CSS_SELECTOR, "#feed > li")] == [published], "the README's publish never reached the dashboard")
     finally:
         driver.execute_script("sessionStorage.clear()")
+        eddy.kill()
+
+
+def test_the_readmes_eddy_js_snippet_publishes_under_its_rules_file(tmp_path, driver):
+    """The README's eddy.js snippet, run as written in the page, against a server with the README's eddy.toml."""
+    from tests.test_readme import blocks
+
+    [(rules, _)] = blocks("toml")
+    [snippet] = [body for body, _ in blocks("javascript") if "eddy.publish(" in body]
+    (tmp_path / "eddy.toml").write_text(rules)
+    eddy = Server(tmp_path, args=("--config", "eddy.toml"))
+    eddy.start()
+    try:
+        host = eddy.url.removeprefix("http://")
+        token = make_token("kiosk-1", tenant="parking", roles=["agent"])
+        code = snippet.replace("localhost:8888", host).replace("fetchMyToken()", json.dumps(token))
+        # A static import cannot run inside a script; the same import, awaited.
+        code = re.sub(r'^import \{ Eddy \} from ("[^"]+");', r"const { Eddy } = await import(\1);", code, flags=re.M)
+        assert "await import(" in code
+        driver.get(eddy.url + "/healthz")
+        result = driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];\n(async () => {\n" + code +
+            "\neddy.close(); return 'published'; })().then(done, (e) => done(`${e.code || ''} ${e.message || e}`));")
+        assert result == "published", result
+        request = urllib.request.Request(f"{eddy.url}/api/channels/conversation:42/events?after=0",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            stored = json.loads(response.read())["events"]
+        assert [(e["event"], e["data"]) for e in stored] == [("message", {"text": "oi"})]
+    finally:
         eddy.kill()
 
 
