@@ -336,6 +336,8 @@ def check_live_charts(driver, server, token: str) -> None:
             charts: plots.map((p) => p.querySelectorAll('.uplot canvas').length),
             marked: plots.map((p) => Boolean(p.querySelector('.uplot') && p.querySelector('.uplot').eddyMark)),
             latencyCount: Number(document.getElementById('chart-latency').dataset.count || -1),
+            latencyRecent: Number(document.getElementById('chart-latency').dataset.recent || -1),
+            latencySummary: document.getElementById('latency-summary').textContent,
             deliveries: document.getElementById('now-deliveries').textContent,
             connections: document.getElementById('now-connections').textContent,
             watcher: document.getElementById('watcher').textContent,
@@ -351,6 +353,7 @@ def check_live_charts(driver, server, token: str) -> None:
     wait_for(driver, lambda: live()["latencyCount"] >= before["latencyCount"] + 20,
              f"the latency histogram did not count the burst: {live()}")
     after = live()
+    assert after["latencyRecent"] >= 20 and "last minute" in after["latencySummary"], after  # the burst is recent
     assert after["marked"] == [True, True, True, True], "a chart was rebuilt instead of updated in place"
     assert after["connections"] == "2"  # alice's dashboard and bob's client
     assert "lag" in after["watcher"] and "following" in after["watcher"]

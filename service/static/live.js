@@ -7,6 +7,7 @@
 
 const WINDOW_POINTS = 120; // samples kept per series (two minutes at one answer per second)
 const MAX_CHANNEL_SERIES = 6; // the busiest channels get a line each
+const LATENCY_WINDOW_S = 60; // the latency histogram shows the events of the last minute
 const PALETTE = ["#2f6fde", "#1f9d55", "#c77c02", "#c9372c", "#7c3aed", "#0e7490"];
 
 export function formatRate(value) {
@@ -69,7 +70,7 @@ function sizeOf(element) {
   return { width: Math.max(200, element.clientWidth), height: 150 };
 }
 
-function timeChart(element, names, unit) {
+function timeChart(element, names, unit, { legend = names.length > 1 } = {}) {
   const series = [{}, ...names.map((name, i) => ({
     label: name, stroke: PALETTE[i % PALETTE.length], width: 2, fill: names.length === 1 ? "#2f6fde1a" : undefined,
     points: { show: false }, value: (_, v) => (v == null ? "–" : `${formatRate(v)}${unit}`),
@@ -77,7 +78,7 @@ function timeChart(element, names, unit) {
   return new uPlot({
     ...sizeOf(element),
     series,
-    legend: { show: names.length > 1, live: false },
+    legend: { show: legend, live: false },
     cursor: { show: false },
     scales: { x: { time: true }, y: { range: (_, min, max) => [0, Math.max(1, max * 1.15)] } },
     axes: [{ space: 60, size: 28 }, { size: 46, values: (_, ticks) => ticks.map(formatRate) }],
@@ -110,6 +111,7 @@ export class LiveCharts {
     this.charts = {};
     this.channelNames = [];
     this.rates = {};
+    this.latencyHistory = []; // [{at, pid, histogram}] over the last minute
     this.observer = new ResizeObserver(() => this.resize());
     this.observer.observe(root);
   }
@@ -159,19 +161,39 @@ export class LiveCharts {
       delete this.charts.channels;
       this.channelNames = busiest;
     }
-    this.chart("channels", this.channelNames, "/s").setData(this.channelRates.data(this.channelNames));
+    if (!this.charts.channels) {
+      this.charts.channels = timeChart(this.root.querySelector("#chart-channels"), this.channelNames, "/s", { legend: true });
+    }
+    this.charts.channels.setData(this.channelRates.data(this.channelNames));
   }
 
+  /** The histogram of the last minute: the server's counts since start, minus those of a minute ago. */
   showLatency(histogram) {
     if (!histogram) return;
+    const now = this.previous.at;
+    this.latencyHistory.push({ at: now, pid: this.previous.stats.process.pid, histogram });
+    while (this.latencyHistory.length > 1 && (now - this.latencyHistory[0].at > LATENCY_WINDOW_S ||
+           this.latencyHistory[0].pid !== this.previous.stats.process.pid)) this.latencyHistory.shift();
+    const base = this.latencyHistory[0].histogram;
+    const sinceStart = base === histogram; // the first answer: nothing to subtract yet
+    const recent = {
+      bounds: histogram.bounds,
+      counts: histogram.counts.map((n, i) => (sinceStart ? n : n - (base.counts[i] || 0))),
+    };
+    recent.count = recent.counts.reduce((a, b) => a + b, 0);
     if (!this.charts.latency) this.charts.latency = histogramChart(this.root.querySelector("#chart-latency"), histogram.bounds);
-    this.charts.latency.setData([histogram.bounds.map((_, i) => i), histogram.counts]);
+    this.charts.latency.setData([histogram.bounds.map((_, i) => i), recent.counts]);
     const element = this.root.querySelector("#chart-latency");
     element.dataset.count = String(histogram.count);
-    const p50 = bucketLabel(histogram.bounds, quantileBucket(histogram, 0.5));
-    const p99 = bucketLabel(histogram.bounds, quantileBucket(histogram, 0.99));
-    this.root.querySelector("#latency-summary").textContent = histogram.count
-      ? `${histogram.count} events · p50 ${p50} · p99 ${p99}` : "no events yet";
+    element.dataset.recent = String(recent.count);
+    const summary = this.root.querySelector("#latency-summary");
+    if (!recent.count) {
+      summary.textContent = `none in the last minute · ${histogram.count} since start`;
+      return;
+    }
+    const p50 = bucketLabel(histogram.bounds, quantileBucket(recent, 0.5));
+    const p99 = bucketLabel(histogram.bounds, quantileBucket(recent, 0.99));
+    summary.textContent = `${sinceStart ? "since start" : "last minute"}: ${recent.count} events · p50 ${p50} · p99 ${p99}`;
   }
 
   resize() {
@@ -183,6 +205,7 @@ export class LiveCharts {
     this.charts = {};
     this.channelNames = [];
     this.previous = null;
+    this.latencyHistory = [];
     this.totals = new Series();
     this.channelRates = new Series();
   }
