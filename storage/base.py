@@ -157,13 +157,25 @@ def publication_key(scheduled_id: str) -> str:
     return f"scheduled:{scheduled_id}"
 
 
+#: The largest position a store hands out (a signed 64-bit integer: SQLite's and MongoDB's).
+MAX_POSITION = (1 << 63) - 1
+
+
 def parse_event_id(event_id: str | int) -> int:
-    """Turn a public event id back into a position; ``ValueError`` if it is not one."""
-    if isinstance(event_id, bool):
+    """Turn a public event id back into a position; ``ValueError`` if it is not one.
+
+    Every path that takes an id from a client (REST ``after``, SSE
+    ``Last-Event-ID``, socket ``since``/``last_id``) parses it here, so each
+    refuses the same things: non-integers, negatives, and anything above
+    :data:`MAX_POSITION`, which no store can hold or compare.
+    """
+    if isinstance(event_id, bool) or not isinstance(event_id, (str, int)):
         raise ValueError("an event id is a decimal string")
+    if isinstance(event_id, str) and not (event_id.isascii() and event_id.isdigit() and len(event_id) <= 19):
+        raise ValueError("an event id is a decimal string of at most 19 digits")
     position = int(event_id)
-    if position < 0:
-        raise ValueError("an event id is never negative")
+    if not 0 <= position <= MAX_POSITION:
+        raise ValueError(f"an event id is between 0 and {MAX_POSITION}")
     return position
 
 
