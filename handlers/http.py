@@ -18,6 +18,8 @@ import tornado.web
 from service import frames, metrics
 from service.app import ChannelRefused, Eddy
 from service.auth import AuthError, Identity, token_from_request
+from service.errors import InvalidInput
+from service.scheduler import MAX_DELAY
 from storage import StorageUnavailable, parse_event_id
 
 log = logging.getLogger("eddy.http")
@@ -28,8 +30,6 @@ MAX_HISTORY_LIMIT = 1000
 MAX_NAME_LENGTH = 200
 #: Seconds a development token lasts.
 DEV_TOKEN_TTL = 12 * 3600
-#: The furthest ahead an event may be scheduled (seconds).
-MAX_DELAY = 366 * 24 * 3600
 
 _CODE_FOR_STATUS = {
     400: "INVALID_BODY",
@@ -222,15 +222,13 @@ def scheduled_time(body: dict[str, Any]) -> float | None:
             raise ApiError(400, "INVALID_BODY", "deliver_at must be an ISO-8601 time") from None
         if moment.tzinfo is None:
             raise ApiError(400, "INVALID_BODY", "deliver_at needs a time zone (e.g. Z)")
-        if moment.timestamp() > time.time() + MAX_DELAY:
-            raise ApiError(400, "INVALID_BODY", "deliver_at is more than a year away")
-        return moment.timestamp()
+        return moment.timestamp()  # the service refuses a time too far from now
     return None
 
 
 def scheduled_body(item) -> dict[str, Any]:
     return {"id": item.id, "channel": item.draft.channel, "event": item.draft.event, "data": item.draft.data,
-            "deliver_at": frames.iso_timestamp(item.deliver_at), "created_at": frames.iso_timestamp(item.created_at)}
+            "deliver_at": frames.iso_timestamp_or_none(item.deliver_at), "created_at": frames.iso_timestamp(item.created_at)}
 
 
 class ReadsHandler(ApiHandler):
@@ -315,6 +313,8 @@ def service_errors() -> Iterator[None]:
         if exc.code == frames.AUTHORIZER_UNAVAILABLE:
             raise ApiError(503, exc.code, exc.message, {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         raise ApiError(400 if exc.code == frames.INVALID_CHANNEL else 403, exc.code, exc.message) from None
+    except InvalidInput as exc:
+        raise ApiError(400, "INVALID_BODY", exc.message) from None
     except StorageUnavailable as exc:
         log.warning("storage unavailable: %s", exc)
         raise ApiError(

@@ -27,7 +27,8 @@ from .hub import ChannelKey, Hub
 from .limits import Buckets
 from .logs import log_request
 from .presence import PresenceTracker
-from .scheduler import Scheduler
+from .errors import InvalidInput
+from .scheduler import Scheduler, deliver_at_problem
 from .watcher import Watcher
 
 log = logging.getLogger("eddy")
@@ -209,7 +210,13 @@ class Eddy:
 
     async def schedule(self, identity: Identity, channel: str, event: str, data: Any, deliver_at: float, *,
                        idempotency_key: str | None = None) -> ScheduledEvent:
-        """Keep an event until ``deliver_at``; the scheduler publishes it then."""
+        """Keep an event until ``deliver_at``; the scheduler publishes it then.
+
+        :class:`InvalidInput` when ``deliver_at`` is not within :data:`service.scheduler.MAX_DELAY` of now.
+        """
+        problem = deliver_at_problem(deliver_at, time.time())
+        if problem is not None:
+            raise InvalidInput(problem)
         tenant, channel = self.authorize_publish(identity, channel)
         draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=idempotency_key,
                            ephemeral=not self.keeps_history(channel))
@@ -240,7 +247,7 @@ class Eddy:
 
     async def readiness(self) -> dict[str, str]:
         """Each check's state; all ``"ok"`` means ready to serve."""
-        checks = {"storage": "ok", "watcher": "ok"}
+        checks = {"storage": "ok", "watcher": "ok", "scheduler": "ok"}
         try:
             async with asyncio.timeout(2.0):
                 await self.storage.ping()
@@ -250,6 +257,8 @@ class Eddy:
             checks["watcher"] = "stopped"
         elif not self.watcher.connected:
             checks["watcher"] = f"retrying: {self.watcher.last_error}"
+        if not self.scheduler.running:
+            checks["scheduler"] = "stopped"
         return checks
 
     def stats(self, tenant: str) -> dict[str, Any]:

@@ -142,6 +142,15 @@ class ScheduledEvent:
     created_at: float
 
 
+#: The claim a parked scheduled event holds: never runs out, so it is never claimed again.
+PARKED_OWNER, PARKED_UNTIL = "parked", float("inf")
+
+
+def claim_blocks_cancel(claimed_until: float, now: float) -> bool:
+    """True while an instance is publishing an event (its lease runs); a parked event can always be cancelled."""
+    return now < claimed_until < PARKED_UNTIL
+
+
 _SCHEDULE_NAMESPACE = uuid.UUID("6f0d3c1e-8f51-4c55-9a3e-5d2f1b7c9e01")
 
 
@@ -294,6 +303,13 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def complete_scheduled(self, scheduled_ids: list[str]) -> None:
         """Forget scheduled events that have been published."""
+
+    @abc.abstractmethod
+    async def park_scheduled(self, scheduled_ids: list[str]) -> None:
+        """Set aside events that can never be published: never claimed again, still listed, still cancellable.
+
+        Their claim is held by :data:`PARKED_OWNER` until :data:`PARKED_UNTIL` (forever).
+        """
 
     # Application collections (optional) ------------------------------------
 

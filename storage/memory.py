@@ -17,9 +17,12 @@ from .base import (
     History,
     PresenceEntry,
     ReadReceipt,
+    PARKED_OWNER,
+    PARKED_UNTIL,
     ScheduledEvent,
     Storage,
     StorageUnavailable,
+    claim_blocks_cancel,
     publication_key,
     scheduled_id_for,
 )
@@ -169,7 +172,7 @@ class MemoryStorage(Storage):
         entry = self._scheduled.get(scheduled_id)
         if entry is None or entry[0].draft.tenant != tenant:
             return None
-        if entry[1] is not None and entry[2] > self.now():
+        if entry[1] is not None and claim_blocks_cancel(entry[2], self.now()):
             return False
         del self._scheduled[scheduled_id]
         return True
@@ -187,6 +190,12 @@ class MemoryStorage(Storage):
         self._check_open()
         for scheduled_id in scheduled_ids:
             self._scheduled.pop(scheduled_id, None)
+
+    async def park_scheduled(self, scheduled_ids: list[str]) -> None:
+        self._check_open()
+        for scheduled_id in scheduled_ids:
+            if scheduled_id in self._scheduled:
+                self._scheduled[scheduled_id] = (self._scheduled[scheduled_id][0], PARKED_OWNER, PARKED_UNTIL)
 
     def _feed_after(self, after: int) -> list[Event]:
         # Positions in the feed are consecutive, so the start is arithmetic and

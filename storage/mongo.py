@@ -60,6 +60,8 @@ from .base import (
     EPHEMERAL_TTL,
     Event,
     EventDraft,
+    PARKED_OWNER,
+    PARKED_UNTIL,
     History,
     PresenceEntry,
     ReadReceipt,
@@ -543,7 +545,8 @@ class MongoStorage(Storage):
         self._check_open()
         now = self.now()
         deleted = await self._call(self.schedule_entries.delete_one(
-            {"_id": scheduled_id, "tenant": tenant, "claimed_until": {"$lte": now}}))
+            {"_id": scheduled_id, "tenant": tenant,
+             "$or": [{"claimed_until": {"$lte": now}}, {"claimed_until": PARKED_UNTIL}]}))
         if deleted.deleted_count:
             return True
         exists = await self._call(self.schedule_entries.find_one({"_id": scheduled_id, "tenant": tenant}))
@@ -567,6 +570,12 @@ class MongoStorage(Storage):
         self._check_open()
         if scheduled_ids:
             await self._call(self.schedule_entries.delete_many({"_id": {"$in": scheduled_ids}}))
+
+    async def park_scheduled(self, scheduled_ids: list[str]) -> None:
+        self._check_open()
+        if scheduled_ids:
+            await self._call(self.schedule_entries.update_many(
+                {"_id": {"$in": scheduled_ids}}, {"$set": {"owner": PARKED_OWNER, "claimed_until": PARKED_UNTIL}}))
 
     # Application collections -------------------------------------------------
 

@@ -31,10 +31,13 @@ from .base import (
     History,
     PresenceEntry,
     ReadReceipt,
+    PARKED_OWNER,
+    PARKED_UNTIL,
     ScheduledEvent,
     Storage,
     StorageError,
     StorageUnavailable,
+    claim_blocks_cancel,
     publication_key,
     scheduled_id_for,
 )
@@ -439,7 +442,7 @@ class SQLiteStorage(Storage):
                                      (scheduled_id, tenant)).fetchone()
             if row is None:
                 return None
-            if row[0] > now:
+            if claim_blocks_cancel(row[0], now):
                 return False  # an instance is publishing it right now
             connection.execute("DELETE FROM scheduled WHERE id = ?", (scheduled_id,))
             return True
@@ -462,6 +465,10 @@ class SQLiteStorage(Storage):
 
     async def complete_scheduled(self, scheduled_ids: list[str]) -> None:
         await self._write("DELETE FROM scheduled WHERE id = ?", [(i,) for i in scheduled_ids])
+
+    async def park_scheduled(self, scheduled_ids: list[str]) -> None:
+        await self._write("UPDATE scheduled SET claimed_by = ?, claimed_until = ? WHERE id = ?",
+                          [(PARKED_OWNER, PARKED_UNTIL, i) for i in scheduled_ids])
 
     async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work(connection)`` atomically, in the next group-committed transaction."""

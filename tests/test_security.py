@@ -6,8 +6,11 @@ real SQLite file (the ``http_server``/``http_port`` fixtures) unless the finding
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from storage import EventDraft
 from tests.support import Client, http, json_of, make_token, publish
 
 TOO_BIG_ID = str(1 << 63)  # one above the largest position a store holds
@@ -39,3 +42,47 @@ async def test_event_ids_above_the_64_bit_range_are_refused_everywhere(http_serv
     await publish(http_port, "orders", token=token)
     assert await client.no_frame_within(0.3)
     client.close()
+
+
+# High: `deliver_at: "0001-01-01T00:00:00+01:00"` stopped scheduled delivery for every tenant -------------------
+
+
+@pytest.mark.gen_test
+async def test_a_delivery_time_out_of_range_is_refused_at_the_edge(http_server, http_port):
+    token = make_token("backend")
+    for deliver_at in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59+00:00", "1970-01-01T00:00:00Z"):
+        response = await http(http_port, "POST", "/api/events",
+                              {"channel": "orders", "event": "e", "deliver_at": deliver_at}, token)
+        assert response.code == 400 and json_of(response)["code"] == "INVALID_BODY", (deliver_at, response.body)
+    assert json_of(await http(http_port, "GET", "/api/scheduled", token=token))["scheduled"] == []
+
+
+@pytest.mark.gen_test
+@pytest.mark.settings(schedule_interval=0.05)
+async def test_the_scheduler_parks_an_item_it_cannot_publish_and_carries_on(eddy, http_server, http_port):
+    # As a database written before the edge validated the time would hold it.
+    bad = await eddy.storage.schedule(EventDraft("acme", "orders", "bad"), -62135600400.0)
+    token = make_token("backend")
+    client = await Client.connect(http_port, "/ws/orders/stream", token)
+    await client.recv_type("connected")
+    response = await http(http_port, "POST", "/api/events",
+                          {"channel": "orders", "event": "good", "data": 1, "delay_s": 0.2}, token)
+    assert response.code == 202
+    frame = await client.recv_type("event", timeout=5)
+    assert frame["event"] == "good"
+    assert eddy.scheduler.running
+    listed = json_of(await http(http_port, "GET", "/api/scheduled", token=token))["scheduled"]
+    assert [(i["id"], i["deliver_at"]) for i in listed] == [(bad.id, None)]  # parked: listed, never claimed
+    assert (await http(http_port, "DELETE", f"/api/scheduled/{bad.id}", token=token)).code == 204
+    ready = await http(http_port, "GET", "/readyz")
+    assert ready.code == 200 and json_of(ready)["checks"]["scheduler"] == "ok"
+    client.close()
+
+
+@pytest.mark.gen_test
+async def test_readyz_reports_a_dead_scheduler(eddy, http_server, http_port):
+    assert (await http(http_port, "GET", "/readyz")).code == 200
+    eddy.scheduler._task.cancel()  # however it ended, a scheduler that no longer runs is not ready
+    await asyncio.sleep(0.05)
+    ready = await http(http_port, "GET", "/readyz")
+    assert ready.code == 503 and json_of(ready)["checks"]["scheduler"] == "stopped"
