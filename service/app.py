@@ -14,7 +14,17 @@ from typing import Any
 
 import tornado.web
 
-from storage import Event, EventDraft, History, ReadReceipt, ScheduledEvent, Storage, StorageError, open_storage
+from storage import (
+    Event,
+    EventDraft,
+    History,
+    ReadReceipt,
+    RecordRefused,
+    ScheduledEvent,
+    Storage,
+    StorageError,
+    open_storage,
+)
 
 from . import frames
 from .authorizer import ChannelRefused
@@ -28,6 +38,7 @@ from .limits import Buckets
 from .logs import log_request
 from .presence import PresenceTracker
 from .errors import InvalidInput
+from .payload import check_data
 from .scheduler import Scheduler, deliver_at_problem
 from .watcher import Watcher
 
@@ -203,10 +214,17 @@ class Eddy:
 
     async def append(self, tenant: str, channel: str, event: str, data: Any, *,
                      idempotency_key: str | None = None) -> Event:
-        """Store an event on an authorized channel (ephemeral where its rule keeps no history)."""
+        """Store an event on an authorized channel (ephemeral where its rule keeps no history).
+
+        :class:`InvalidInput` when the data cannot be stored (nested too deep, refused by the store).
+        """
+        check_data(data)
         draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=idempotency_key,
                            ephemeral=not self.keeps_history(channel))
-        return await self.storage.append(draft)
+        try:
+            return await self.storage.append(draft)
+        except RecordRefused as exc:
+            raise InvalidInput(str(exc)) from None
 
     async def schedule(self, identity: Identity, channel: str, event: str, data: Any, deliver_at: float, *,
                        idempotency_key: str | None = None) -> ScheduledEvent:
@@ -218,9 +236,13 @@ class Eddy:
         if problem is not None:
             raise InvalidInput(problem)
         tenant, channel = self.authorize_publish(identity, channel)
+        check_data(data)
         draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=idempotency_key,
                            ephemeral=not self.keeps_history(channel))
-        return await self.storage.schedule(draft, deliver_at)
+        try:
+            return await self.storage.schedule(draft, deliver_at)
+        except RecordRefused as exc:
+            raise InvalidInput(str(exc)) from None
 
     async def signal(self, key: ChannelKey, name: str, data: dict[str, Any]) -> None:
         """Broadcast an ephemeral protocol event (typing, read, presence) to every process."""

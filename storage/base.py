@@ -37,6 +37,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "StorageUnavailable",
+    "RecordRefused",
     "DEFAULT_HISTORY_SIZE",
     "DEFAULT_HISTORY_TTL",
     "EPHEMERAL_TTL",
@@ -56,6 +57,14 @@ class StorageError(Exception):
 
 class StorageUnavailable(StorageError):
     """The store cannot be reached or written right now; retrying later may work."""
+
+
+class RecordRefused(StorageError, ValueError):
+    """The store cannot keep this one record (its data cannot be encoded, it is too large or too deep).
+
+    Only that record's write fails: a store that commits several writes
+    together never lets one refused record fail the others.
+    """
 
 
 @dataclass(frozen=True, slots=True)

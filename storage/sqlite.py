@@ -31,6 +31,7 @@ from .base import (
     History,
     PresenceEntry,
     ReadReceipt,
+    RecordRefused,
     PARKED_OWNER,
     PARKED_UNTIL,
     ScheduledEvent,
@@ -107,6 +108,15 @@ TRIM_EVERY = 100
 SWEEP_INTERVAL = 5.0
 #: Rows a feed read returns at once.
 FEED_BATCH = 1000
+
+
+class _Failed:
+    """The result of one operation of a batch that failed alone."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 def _row_to_event(row: tuple) -> Event:
@@ -232,7 +242,11 @@ class SQLiteStorage(Storage):
 
         Every write waiting when a transaction starts joins it, so with
         ``synchronous=FULL`` concurrent writers share one fsync instead of
-        paying one each. A failing batch fails every operation in it.
+        paying one each. Each operation runs in its own savepoint: one that
+        raises is rolled back alone and fails alone (:class:`RecordRefused`
+        for its data), so one tenant's bad write never fails another's. Only
+        a fault of the store itself (the file cannot be locked, written or
+        committed) fails the whole batch.
         """
         self._check_open()
         assert self._queue is not None
@@ -261,7 +275,11 @@ class SQLiteStorage(Storage):
                 continue
             self._wake_watchers()
             for (_, future), result in zip(batch, results):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, _Failed):
+                    future.set_exception(result.error)
+                else:
                     future.set_result(result)
 
     def _run_batch(self, operations: list[Callable[[sqlite3.Connection, float], Any]]) -> list[Any]:
@@ -271,7 +289,7 @@ class SQLiteStorage(Storage):
         try:
             connection.execute("BEGIN IMMEDIATE")
             try:
-                results = [operation(connection, now) for operation in operations]
+                results = [self._run_alone(connection, operation, now) for operation in operations]
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
@@ -280,6 +298,22 @@ class SQLiteStorage(Storage):
             raise StorageUnavailable(f"sqlite write failed: {exc}") from exc
         self.transactions += 1
         return results
+
+    @staticmethod
+    def _run_alone(connection: sqlite3.Connection, operation: Callable[[sqlite3.Connection, float], Any],
+                   now: float) -> Any:
+        """One operation of a batch inside a savepoint; what it cannot store is undone and reported alone."""
+        connection.execute("SAVEPOINT item")
+        try:
+            result = operation(connection, now)
+        except sqlite3.OperationalError:
+            raise  # the store itself (locked, disk full, I/O): the whole batch fails
+        except Exception as exc:  # this record: unencodable data, too big, a constraint
+            connection.execute("ROLLBACK TO item")
+            connection.execute("RELEASE item")
+            return _Failed(exc if isinstance(exc, StorageError) else RecordRefused(f"cannot store this record: {exc}"))
+        connection.execute("RELEASE item")
+        return result
 
     async def ping(self) -> None:
         """Answers only when the file can be read *and* written now (another process may hold the write lock)."""

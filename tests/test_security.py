@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
 from storage import EventDraft
@@ -86,3 +87,26 @@ async def test_readyz_reports_a_dead_scheduler(eddy, http_server, http_port):
     await asyncio.sleep(0.05)
     ready = await http(http_port, "GET", "/readyz")
     assert ready.code == 503 and json_of(ready)["checks"]["scheduler"] == "stopped"
+
+
+# High: data nested ~300 deep failed other tenants' writes in the shared SQLite group commit ---------------------
+# (the store's per-item isolation: test_sqlite_storage.py::test_one_bad_record_never_fails_its_neighbours_in_a_group_commit)
+
+
+def nested_json(depth: int) -> str:
+    """Data ``depth`` levels deep, as JSON text (orjson itself cannot write more than 254 levels)."""
+    return '{"a":' * (depth // 2) + "[" * (depth - depth // 2) + "1" + "]" * (depth - depth // 2) + "}" * (depth // 2)
+
+
+@pytest.mark.gen_test
+async def test_data_nested_deeper_than_every_backend_stores_is_refused(http_server, http_port):
+    token = make_token("backend")
+    for depth in (65, 300):
+        for when in ("", ', "delay_s": 5'):
+            body = '{"channel": "orders", "event": "e", "data": %s%s}' % (nested_json(depth), when)
+            response = await http(http_port, "POST", "/api/events", token=token, raw=body.encode())
+            assert response.code == 400 and json_of(response)["code"] == "INVALID_BODY", (depth, when)
+    body = '{"channel": "orders", "event": "e", "data": %s}' % nested_json(64)
+    assert (await http(http_port, "POST", "/api/events", token=token, raw=body.encode())).code == 201
+    page = json_of(await http(http_port, "GET", "/api/channels/orders/events", token=token))
+    assert [e["data"] for e in page["events"]] == [orjson.loads(nested_json(64))]

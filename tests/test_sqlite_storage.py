@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import EventDraft, StorageUnavailable, open_storage
+from storage import EventDraft, RecordRefused, StorageUnavailable, open_storage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +40,36 @@ async def test_concurrent_appends_share_transactions(url):
     events = await asyncio.gather(*(store.append(EventDraft("t", "c", "e", {"n": n})) for n in range(100)))
     assert len({e.position for e in events}) == 100
     assert store.transactions - before < 100 / 4  # group commit batched them
+    await store.close()
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.gen_test
+async def test_one_bad_record_never_fails_its_neighbours_in_a_group_commit(url):
+    """Issue 15 (High): data nested ~300 deep failed every write batched with it (another tenant's too)."""
+    store = open_storage(url)
+    await store.open()
+    before = store.transactions
+    results = await asyncio.gather(
+        *(store.append(EventDraft("other", "c", "e", {"n": n})) for n in range(20)),
+        store.append(EventDraft("attacker", "c", "e", nested(300))),
+        store.schedule(EventDraft("attacker", "c", "e", nested(300)), 0.0),
+        *(store.append(EventDraft("other", "c", "e", {"n": n})) for n in range(20, 40)),
+        return_exceptions=True,
+    )
+    assert store.transactions - before < 10  # they did share transactions
+    assert all(isinstance(r, RecordRefused) for r in results[20:22]), results[20:22]
+    good = results[:20] + results[22:]
+    assert not any(isinstance(r, BaseException) for r in good), good
+    page = await store.history("other", "c", limit=100)
+    assert [e.data["n"] for e in page.events] == list(range(40))
+    assert (await store.history("attacker", "c")).events == [] and await store.scheduled("attacker") == []
     await store.close()
 
 
