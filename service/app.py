@@ -304,11 +304,13 @@ class Eddy:
     # Tornado ---------------------------------------------------------------
 
     def make_app(self, **extra_settings: Any) -> tornado.web.Application:
-        from handlers import routes
+        from handlers import BoundedApplication, routes
         from handlers.http import NotFoundHandler
 
-        return tornado.web.Application(
+        return BoundedApplication(
             routes(self),
+            max_body_bytes=self.settings.max_body_bytes,
+            body_timeout=self.settings.body_timeout,
             default_handler_class=NotFoundHandler,
             default_handler_args={"eddy": self},
             websocket_ping_interval=self.settings.ping_interval or None,

@@ -97,7 +97,10 @@ class Settings:
     schedule_lease: float = setting(
         30.0, "Seconds a process holds the events it claimed; after that (it died) another process publishes them."
     )
-    max_body_bytes: int = setting(1 << 20, "Largest HTTP request body accepted (413 above).")
+    max_body_bytes: int = setting(
+        1 << 20, "Largest HTTP request body accepted on any route (413 on POST /api/events, 400 elsewhere)."
+    )
+    body_timeout: float = setting(10.0, "Seconds a client may take to send a request body on any route (0 = no limit).")
     allowed_origins: str = setting(
         "", "Comma-separated browser origins allowed to open sockets besides the same origin; * allows any."
     )

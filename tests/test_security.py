@@ -110,3 +110,40 @@ async def test_data_nested_deeper_than_every_backend_stores_is_refused(http_serv
     assert (await http(http_port, "POST", "/api/events", token=token, raw=body.encode())).code == 201
     page = json_of(await http(http_port, "GET", "/api/channels/orders/events", token=token))
     assert [e["data"] for e in page["events"]] == [orjson.loads(nested_json(64))]
+
+
+# High: unauthenticated bodies up to 100 MiB were buffered, with no body timeout, on every route but POST /api/events
+
+
+async def raw_request(port: int, head: bytes, body: bytes = b"", *, read_for: float = 3.0) -> tuple[bytes, float]:
+    """Send a request as bytes; return everything read until the server closes the connection, and when it did."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = asyncio.get_running_loop().time()
+    writer.write(head + body)
+    await writer.drain()
+    answer = b""
+    try:
+        async with asyncio.timeout(read_for):
+            while chunk := await reader.read(65536):
+                answer += chunk
+    finally:
+        writer.close()
+    return answer, asyncio.get_running_loop().time() - started
+
+
+@pytest.mark.gen_test
+@pytest.mark.settings(max_body_bytes=1024, body_timeout=0.3)
+async def test_every_route_bounds_the_body_size_and_time(http_server, http_port):
+    for path in ("/api/dev-token", "/api/stats", "/healthz", "/sse", "/static/eddy.js", "/nowhere"):
+        declared = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 104857600\r\n\r\n" % path.encode()
+        answer, _ = await raw_request(http_port, declared)
+        assert answer.startswith(b"HTTP/1.1 400"), (path, answer[:80])  # refused before a byte of it is read
+        chunked = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n" % path.encode()
+        answer, _ = await raw_request(http_port, chunked, b"800\r\n" + b"x" * 2048 + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 400"), (path, answer[:80])
+        slow = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n" % path.encode()
+        answer, took = await raw_request(http_port, slow, b"{}")
+        assert answer == b"" and took < 2.0, (path, answer[:80], took)  # closed after body_timeout
+    events = b"POST /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2048\r\n\r\n"
+    answer, _ = await raw_request(http_port, events)
+    assert answer.startswith(b"HTTP/1.1 401") or answer.startswith(b"HTTP/1.1 413"), answer[:80]
