@@ -18,9 +18,9 @@ import tornado.web
 from service import frames, metrics
 from service.app import ChannelRefused, Eddy
 from service.auth import AuthError, Identity, token_from_request
-from service.errors import InvalidInput
+from service.errors import InvalidInput, LimitReached, NotFound, StorageUnavailable
 from service.scheduler import MAX_DELAY
-from storage import StorageUnavailable, parse_event_id
+from service.stream import parse_event_id
 
 log = logging.getLogger("eddy.http")
 
@@ -179,28 +179,29 @@ class HistoryHandler(ApiHandler):
 
 
 class ScheduledHandler(ApiHandler):
-    """``GET /api/scheduled?channel=`` lists pending events; ``DELETE /api/scheduled/<id>`` cancels one."""
+    """``GET /api/scheduled?channel=&limit=&cursor=`` lists pending events a page at a time (``next`` is the cursor
+    of the following page); ``DELETE /api/scheduled/<id>`` cancels one. Both only on channels the caller may join."""
 
     async def get(self, scheduled_id: str | None = None) -> None:
         if scheduled_id:
             raise ApiError(405, "METHOD_NOT_ALLOWED", "GET /api/scheduled lists; DELETE cancels one")
         identity = self.authenticate()
         channel = self.get_query_argument("channel", None)
-        if channel is not None and not frames.is_valid_channel(channel):
-            raise ApiError(400, "INVALID_CHANNEL", frames.CHANNEL_RULE_TEXT)
-        with service_errors():
-            items = await self.eddy.storage.scheduled(identity.tenant, channel)
-        self.write_json({"scheduled": [scheduled_body(item) for item in items]})
+        limit = self.get_query_argument("limit", "100")
+        if not limit.isdigit():
+            raise ApiError(400, "INVALID_PARAMETER", "limit must be a positive integer")
+        with service_errors(invalid="INVALID_PARAMETER"):
+            page = await self.eddy.scheduled(identity, channel, cursor=self.get_query_argument("cursor", None),
+                                             limit=int(limit))
+        self.write_json({"scheduled": [scheduled_body(item) for item in page.items], "next": page.next})
 
     async def delete(self, scheduled_id: str | None = None) -> None:
         identity = self.authenticate()
         if not scheduled_id:
             raise ApiError(405, "METHOD_NOT_ALLOWED", "DELETE /api/scheduled/<id>")
         with service_errors():
-            removed = await self.eddy.storage.cancel_scheduled(identity.tenant, scheduled_id)
-        if removed is None:
-            raise ApiError(404, "NOT_FOUND", "no pending scheduled event with that id")
-        if removed is False:
+            removed = await self.eddy.cancel_scheduled(identity, scheduled_id)
+        if not removed:
             raise ApiError(409, "ALREADY_PUBLISHING", "the event is being published now; it cannot be cancelled")
         self.set_status(204)
         self.finish()
@@ -305,8 +306,8 @@ class ReadyHandler(ApiHandler):
 
 
 @contextmanager
-def service_errors() -> Iterator[None]:
-    """Turn the service's refusals and storage outages into problem responses."""
+def service_errors(invalid: str = "INVALID_BODY") -> Iterator[None]:
+    """Turn the service's refusals and storage outages into problem responses (bad input: 400 ``invalid``)."""
     try:
         yield
     except ChannelRefused as exc:
@@ -314,7 +315,11 @@ def service_errors() -> Iterator[None]:
             raise ApiError(503, exc.code, exc.message, {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         raise ApiError(400 if exc.code == frames.INVALID_CHANNEL else 403, exc.code, exc.message) from None
     except InvalidInput as exc:
-        raise ApiError(400, "INVALID_BODY", exc.message) from None
+        raise ApiError(400, invalid, exc.message) from None
+    except NotFound as exc:
+        raise ApiError(404, "NOT_FOUND", exc.message) from None
+    except LimitReached as exc:
+        raise ApiError(429, exc.code, exc.message) from None
     except StorageUnavailable as exc:
         log.warning("storage unavailable: %s", exc)
         raise ApiError(

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import tornado.web
@@ -37,12 +39,35 @@ from .hub import ChannelKey, Hub
 from .limits import Buckets
 from .logs import log_request
 from .presence import PresenceTracker
-from .errors import InvalidInput
+from .errors import InvalidInput, LimitReached, NotFound
 from .payload import check_data
 from .scheduler import Scheduler, deliver_at_problem
 from .watcher import Watcher
 
 log = logging.getLogger("eddy")
+
+#: Most scheduled events one listing page holds.
+MAX_SCHEDULED_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledPage:
+    """A page of pending scheduled events; ``next`` is the cursor of the following page, None on the last."""
+
+    items: list[ScheduledEvent]
+    next: str | None
+
+
+def parse_scheduled_cursor(cursor: str) -> tuple[float, str]:
+    """The (deliver_at, id) key a listing cursor stands for; :class:`InvalidInput` if it is not one."""
+    moment, _, scheduled_id = cursor.rpartition("_")
+    try:
+        deliver_at = float(moment)
+    except ValueError:
+        raise InvalidInput("cursor must be the next value of a previous page") from None
+    if not scheduled_id or not math.isfinite(deliver_at):
+        raise InvalidInput("cursor must be the next value of a previous page")
+    return deliver_at, scheduled_id
 
 
 class Eddy:
@@ -237,12 +262,54 @@ class Eddy:
             raise InvalidInput(problem)
         tenant, channel = self.authorize_publish(identity, channel)
         check_data(data)
+        if await self.storage.count_scheduled(tenant) >= self.settings.max_scheduled_per_tenant:
+            raise LimitReached("TOO_MANY_SCHEDULED", f"this tenant already holds "
+                               f"{self.settings.max_scheduled_per_tenant} scheduled events")
         draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=idempotency_key,
                            ephemeral=not self.keeps_history(channel))
         try:
             return await self.storage.schedule(draft, deliver_at)
         except RecordRefused as exc:
             raise InvalidInput(str(exc)) from None
+
+    async def scheduled(self, identity: Identity, channel: str | None = None, *, cursor: str | None = None,
+                        limit: int = 100) -> ScheduledPage:
+        """One page of the tenant's pending scheduled events on channels ``identity`` may join.
+
+        With ``channel``, that channel only (refused like a join); without, the
+        events of channels the identity may not join are left out of the page.
+        ``cursor`` is the ``next`` of the previous page.
+        """
+        if not 1 <= limit <= MAX_SCHEDULED_PAGE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_SCHEDULED_PAGE}")
+        after = parse_scheduled_cursor(cursor) if cursor is not None else None
+        if channel is not None:
+            tenant, channel = await self.authorize_join(identity, channel)
+        read = await self.storage.scheduled(identity.tenant, channel, after=after, limit=limit)
+        items = read if channel is not None else [i for i in read if await self.may_join(identity, i.draft.channel)]
+        last = read[-1] if len(read) == limit else None
+        return ScheduledPage(items, f"{last.deliver_at!r}_{last.id}" if last is not None else None)
+
+    async def cancel_scheduled(self, identity: Identity, scheduled_id: str) -> bool:
+        """Cancel a pending event on a channel ``identity`` may join: True, or False while it is being published.
+
+        :class:`NotFound` when there is no such event the identity may see.
+        """
+        item = await self.storage.get_scheduled(identity.tenant, scheduled_id)
+        if item is None or not await self.may_join(identity, item.draft.channel):
+            raise NotFound("no pending scheduled event with that id")
+        removed = await self.storage.cancel_scheduled(identity.tenant, scheduled_id)
+        if removed is None:
+            raise NotFound("no pending scheduled event with that id")
+        return removed
+
+    async def may_join(self, identity: Identity, channel: str) -> bool:
+        """Whether :meth:`authorize_join` lets ``identity`` in (an unreachable authorizer says no)."""
+        try:
+            await self.authorize_join(identity, channel)
+        except ChannelRefused:
+            return False
+        return True
 
     async def signal(self, key: ChannelKey, name: str, data: dict[str, Any]) -> None:
         """Broadcast an ephemeral protocol event (typing, read, presence) to every process."""

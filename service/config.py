@@ -97,6 +97,9 @@ class Settings:
     schedule_lease: float = setting(
         30.0, "Seconds a process holds the events it claimed; after that (it died) another process publishes them."
     )
+    max_scheduled_per_tenant: int = setting(
+        10000, "Scheduled events one tenant may hold at once (429 TOO_MANY_SCHEDULED above)."
+    )
     max_body_bytes: int = setting(
         1 << 20, "Largest HTTP request body accepted on any route (413 on POST /api/events, 400 elsewhere)."
     )

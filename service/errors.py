@@ -10,7 +10,8 @@ from storage import StorageError, StorageUnavailable
 
 from .authorizer import ChannelRefused
 
-__all__ = ["ChannelRefused", "HistoryLost", "InvalidInput", "StorageError", "StorageUnavailable"]
+__all__ = ["ChannelRefused", "HistoryLost", "InvalidInput", "LimitReached", "NotFound", "StorageError",
+           "StorageUnavailable"]
 
 
 class InvalidInput(ValueError):
@@ -30,4 +31,21 @@ class HistoryLost(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
+        self.message = message
+
+
+class NotFound(LookupError):
+    """Nothing the caller may see has that id (whether it does not exist or belongs to someone else)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class LimitReached(Exception):
+    """A configured bound (scheduled events per tenant) is reached; ``429`` over HTTP."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
         self.message = message

@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 from urllib.parse import urlsplit
 
 from .base import (
+    MAX_POSITION,
     Event,
     EventDraft,
     History,
@@ -33,6 +34,7 @@ from .base import (
 )
 
 __all__ = [
+    "MAX_POSITION",
     "Event",
     "EventDraft",
     "History",

@@ -289,13 +289,24 @@ class Storage(abc.ABC):
         """Keep ``draft`` until ``deliver_at`` (seconds since the epoch)."""
 
     @abc.abstractmethod
-    async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
-        """Pending scheduled events of a tenant (one channel, or all), by ``deliver_at``.
+    async def scheduled(self, tenant: str, channel: str | None = None, *,
+                        after: tuple[float, str] | None = None, limit: int | None = None) -> list[ScheduledEvent]:
+        """Pending scheduled events of a tenant (one channel, or all), by (``deliver_at``, ``id``).
 
-        An event whose publication has committed is not pending, even before
-        the publisher has called :meth:`complete_scheduled`: a client that has
-        received the event never sees it listed as still to come.
+        A page: at most ``limit`` events, those after the (``deliver_at``, ``id``)
+        key ``after`` (the last of the previous page). An event whose
+        publication has committed is not pending, even before the publisher has
+        called :meth:`complete_scheduled`: a client that has received the event
+        never sees it listed as still to come.
         """
+
+    @abc.abstractmethod
+    async def get_scheduled(self, tenant: str, scheduled_id: str) -> ScheduledEvent | None:
+        """One scheduled event of the tenant (pending, parked or being published), None if unknown."""
+
+    @abc.abstractmethod
+    async def count_scheduled(self, tenant: str) -> int:
+        """How many scheduled events the tenant holds (pending, parked or being published)."""
 
     @abc.abstractmethod
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:

@@ -160,12 +160,23 @@ class MemoryStorage(Storage):
         self._scheduled[item.id] = (item, None, 0.0)
         return item
 
-    async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
+    async def scheduled(self, tenant: str, channel: str | None = None, *,
+                        after: tuple[float, str] | None = None, limit: int | None = None) -> list[ScheduledEvent]:
         self._check_open()
         items = [i for i, _, _ in self._scheduled.values()
                  if i.draft.tenant == tenant and (channel is None or i.draft.channel == channel)
+                 and (after is None or (i.deliver_at, i.id) > after)
                  and (tenant, publication_key(i.id)) not in self._keys]
-        return sorted(items, key=lambda i: (i.deliver_at, i.id))
+        return sorted(items, key=lambda i: (i.deliver_at, i.id))[:limit]
+
+    async def get_scheduled(self, tenant: str, scheduled_id: str) -> ScheduledEvent | None:
+        self._check_open()
+        entry = self._scheduled.get(scheduled_id)
+        return entry[0] if entry is not None and entry[0].draft.tenant == tenant else None
+
+    async def count_scheduled(self, tenant: str) -> int:
+        self._check_open()
+        return sum(1 for i, _, _ in self._scheduled.values() if i.draft.tenant == tenant)
 
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
         self._check_open()

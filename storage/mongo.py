@@ -526,13 +526,16 @@ class MongoStorage(Storage):
             raise StorageUnavailable(f"MongoDB write failed: {exc}") from exc
         return item
 
-    async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
+    async def scheduled(self, tenant: str, channel: str | None = None, *,
+                        after: tuple[float, str] | None = None, limit: int | None = None) -> list[ScheduledEvent]:
         self._check_open()
         query: dict[str, Any] = {"tenant": tenant}
         if channel is not None:
             query["channel"] = channel
+        if after is not None:
+            query["$or"] = [{"deliver_at": {"$gt": after[0]}}, {"deliver_at": after[0], "_id": {"$gt": after[1]}}]
         documents = await self._call(self.schedule_entries.find(query).sort([("deliver_at", 1), ("_id", 1)])
-                                     .to_list(None))
+                                     .limit(limit or 0).to_list(None))
         items = [_to_scheduled(d) for d in documents]
         if not items:
             return []
@@ -540,6 +543,15 @@ class MongoStorage(Storage):
         published = set(await self._call(self.events.distinct(
             "idempotency_key", {"tenant": tenant, "idempotency_key": {"$in": keys}})))
         return [i for i in items if publication_key(i.id) not in published]
+
+    async def get_scheduled(self, tenant: str, scheduled_id: str) -> ScheduledEvent | None:
+        self._check_open()
+        document = await self._call(self.schedule_entries.find_one({"_id": scheduled_id, "tenant": tenant}))
+        return _to_scheduled(document) if document is not None else None
+
+    async def count_scheduled(self, tenant: str) -> int:
+        self._check_open()
+        return await self._call(self.schedule_entries.count_documents({"tenant": tenant}))
 
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
         self._check_open()

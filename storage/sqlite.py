@@ -456,16 +456,30 @@ class SQLiteStorage(Storage):
 
         return await self._transaction(insert)
 
-    async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
+    async def scheduled(self, tenant: str, channel: str | None = None, *,
+                        after: tuple[float, str] | None = None, limit: int | None = None) -> list[ScheduledEvent]:
         self._check_open()
         where, parameters = ("tenant = ?", (tenant,)) if channel is None else \
             ("tenant = ? AND channel = ?", (tenant, channel))
+        if after is not None:
+            where, parameters = f"{where} AND (deliver_at, id) > (?, ?)", (*parameters, *after)
         rows = await self._read(
             self._query,
             f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE {where} AND NOT EXISTS (SELECT 1 FROM events"
             " WHERE events.tenant = scheduled.tenant AND events.idempotency_key = ? || scheduled.id)"
-            " ORDER BY deliver_at, id", (*parameters, publication_key("")))
+            " ORDER BY deliver_at, id LIMIT ?", (*parameters, publication_key(""), -1 if limit is None else limit))
         return [_row_to_scheduled(row) for row in rows]
+
+    async def get_scheduled(self, tenant: str, scheduled_id: str) -> ScheduledEvent | None:
+        self._check_open()
+        rows = await self._read(self._query, f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE id = ? AND tenant = ?",
+                                (scheduled_id, tenant))
+        return _row_to_scheduled(rows[0]) if rows else None
+
+    async def count_scheduled(self, tenant: str) -> int:
+        self._check_open()
+        rows = await self._read(self._query, "SELECT count(*) FROM scheduled WHERE tenant = ?", (tenant,))
+        return rows[0][0]
 
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
         self._check_open()

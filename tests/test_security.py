@@ -16,6 +16,30 @@ from tests.support import Client, http, json_of, make_token, publish
 
 TOO_BIG_ID = str(1 << 63)  # one above the largest position a store holds
 
+RULES = """
+[[channels]]
+pattern = "desk:*"
+join = ["role:agent"]
+publish = ["role:agent"]
+
+[[channels]]
+pattern = "orders"
+join = ["tenant"]
+"""
+#: A backend's credential: a token with the publisher role (EDDY_PUBLISHER_ROLE).
+BACKEND = {"sub": "backend", "roles": ["publisher"]}
+
+
+@pytest.fixture
+def settings(settings, tmp_path, request):
+    """``@pytest.mark.rules(RULES)`` runs the test's Eddy with a rules file."""
+    marker = request.node.get_closest_marker("rules")
+    if marker is None:
+        return settings
+    path = tmp_path / "rules.toml"
+    path.write_text(marker.args[0])
+    return settings.with_changes(config=str(path))
+
 
 # Medium: event ids above 2^63-1 gave 500 (REST, SSE) and INTERNAL_ERROR on join -------------------------------
 
@@ -147,3 +171,72 @@ async def test_every_route_bounds_the_body_size_and_time(http_server, http_port)
     events = b"POST /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2048\r\n\r\n"
     answer, _ = await raw_request(http_port, events)
     assert answer.startswith(b"HTTP/1.1 401") or answer.startswith(b"HTTP/1.1 413"), answer[:80]
+
+
+# Medium: GET/DELETE /api/scheduled skipped the join check ----------------------------------------------------------
+
+
+async def schedule(port: int, token: str, channel: str, n: int = 0) -> dict:
+    response = await http(port, "POST", "/api/events",
+                          {"channel": channel, "event": "reminder", "data": {"n": n}, "delay_s": 600}, token)
+    assert response.code == 202, response.body
+    return json_of(response)["scheduled"]
+
+
+@pytest.mark.gen_test
+async def test_nobody_lists_or_cancels_another_users_scheduled_events(http_server, http_port):
+    backend, ana, bob = make_token(**BACKEND), make_token("ana"), make_token("bob")
+    for_ana = await schedule(http_port, backend, "user:ana")
+    public = await schedule(http_port, backend, "orders")
+    listed = json_of(await http(http_port, "GET", "/api/scheduled", token=bob))["scheduled"]
+    assert [i["id"] for i in listed] == [public["id"]]
+    refused = await http(http_port, "GET", "/api/scheduled?channel=user:ana", token=bob)
+    assert refused.code == 403 and json_of(refused)["code"] == "FORBIDDEN"
+    assert (await http(http_port, "DELETE", f"/api/scheduled/{for_ana['id']}", token=bob)).code == 404
+    mine = json_of(await http(http_port, "GET", "/api/scheduled?channel=user:ana", token=ana))["scheduled"]
+    assert [i["id"] for i in mine] == [for_ana["id"]]
+    assert (await http(http_port, "DELETE", f"/api/scheduled/{for_ana['id']}", token=ana)).code == 204
+
+
+@pytest.mark.gen_test
+@pytest.mark.rules(RULES)
+async def test_scheduled_listing_and_cancel_obey_the_channel_rules(http_server, http_port):
+    backend, agent, customer = make_token(**BACKEND), make_token("ana", roles=["agent"]), make_token("joao")
+    desk = await schedule(http_port, backend, "desk:1")
+    orders = await schedule(http_port, backend, "orders")
+    assert [i["id"] for i in json_of(await http(http_port, "GET", "/api/scheduled", token=customer))["scheduled"]] \
+        == [orders["id"]]
+    assert (await http(http_port, "GET", "/api/scheduled?channel=desk:1", token=customer)).code == 403
+    assert (await http(http_port, "DELETE", f"/api/scheduled/{desk['id']}", token=customer)).code == 404
+    both = json_of(await http(http_port, "GET", "/api/scheduled", token=agent))["scheduled"]
+    assert sorted(i["id"] for i in both) == sorted([desk["id"], orders["id"]])
+    assert (await http(http_port, "DELETE", f"/api/scheduled/{desk['id']}", token=agent)).code == 204
+
+
+# Low: no cap on scheduled events per tenant, and the listing was not paged -------------------------------------
+
+
+@pytest.mark.gen_test
+@pytest.mark.settings(max_scheduled_per_tenant=5)
+async def test_scheduled_events_are_capped_per_tenant_and_listed_in_pages(http_server, http_port):
+    backend = make_token(**BACKEND)
+    made = [await schedule(http_port, backend, "orders", n) for n in range(5)]
+    refused = await http(http_port, "POST", "/api/events",
+                         {"channel": "orders", "event": "e", "delay_s": 600}, backend)
+    assert refused.code == 429 and json_of(refused)["code"] == "TOO_MANY_SCHEDULED"
+    other_tenant = make_token("backend", tenant="globex", roles=["publisher"])
+    assert (await http(http_port, "POST", "/api/events",
+                       {"channel": "orders", "event": "e", "delay_s": 600}, other_tenant)).code == 202
+    seen, cursor = [], None
+    while True:
+        query = "limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = json_of(await http(http_port, "GET", f"/api/scheduled?{query}", token=backend))
+        assert len(page["scheduled"]) <= 2
+        seen += [i["id"] for i in page["scheduled"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert seen == [i["id"] for i in made]
+    for bad in ("limit=0", "limit=1001", "limit=x", "cursor=nonsense", "cursor=inf_abc"):
+        response = await http(http_port, "GET", f"/api/scheduled?{bad}", token=backend)
+        assert response.code == 400 and json_of(response)["code"] == "INVALID_PARAMETER", bad

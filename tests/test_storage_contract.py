@@ -289,3 +289,26 @@ async def test_scheduled_events_claims_leases_and_cancel(make_storage):
     # Once its publication commits, an event is no longer listed, even before it is completed.
     await store.append(dataclasses.replace(first.draft, idempotency_key=publication_key(first.id)))
     assert first.id not in [i.id for i in await store.scheduled("acme")]
+
+
+@pytest.mark.gen_test
+async def test_scheduled_pages_lookups_counts_and_parking(make_storage):
+    store = await make_storage()
+    now = time.time()
+    items = [await store.schedule(draft(n), now + 60 + n) for n in range(5)]
+    await store.schedule(draft(9, tenant="globex"), now + 1)
+    first = await store.scheduled("acme", limit=2)
+    assert [i.id for i in first] == [i.id for i in items[:2]]
+    rest = await store.scheduled("acme", after=(first[-1].deliver_at, first[-1].id), limit=10)
+    assert [i.id for i in rest] == [i.id for i in items[2:]]
+    assert (await store.get_scheduled("acme", items[0].id)).draft.data == {"n": 0}
+    assert await store.get_scheduled("globex", items[0].id) is None
+    assert await store.count_scheduled("acme") == 5 and await store.count_scheduled("globex") == 1
+    # A parked event is never claimed again, stays listed, and can be cancelled.
+    bad = await store.schedule(draft(7), now - 10)
+    assert [i.id for i in await store.claim_due("a", now, lease=0.01, limit=10)] == [bad.id]
+    await store.park_scheduled([bad.id])
+    await asyncio.sleep(0.02)
+    assert await store.claim_due("b", time.time(), lease=30, limit=10) == []
+    assert bad.id in [i.id for i in await store.scheduled("acme")]
+    assert await store.cancel_scheduled("acme", bad.id) is True
