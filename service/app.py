@@ -26,6 +26,7 @@ from storage import (
     Storage,
     StorageError,
     open_storage,
+    publication_key,
 )
 
 from . import frames
@@ -56,6 +57,24 @@ class ScheduledPage:
 
     items: list[ScheduledEvent]
     next: str | None
+
+
+#: Idempotency keys the scheduler publishes with (``storage.publication_key``): no client may use one.
+RESERVED_KEY_PREFIX = publication_key("")
+#: Separates the caller from its key in a stored idempotency key; never part of a client's key.
+_KEY_SCOPE = "\x1f"
+
+
+def scoped_idempotency_key(identity: Identity, key: str | None) -> str | None:
+    """The key as stored: the caller's user id and its key, so keys of different callers never meet.
+
+    :class:`InvalidInput` for a key with control characters or the reserved ``scheduled:`` prefix.
+    """
+    if key is None:
+        return None
+    if key.startswith(RESERVED_KEY_PREFIX) or not key.isprintable():
+        raise InvalidInput(f"idempotency keys are printable and do not start with {RESERVED_KEY_PREFIX!r}")
+    return f"{identity.user_id}{_KEY_SCOPE}{key}"
 
 
 def parse_scheduled_cursor(cursor: str) -> tuple[float, str]:
@@ -231,9 +250,14 @@ class Eddy:
     async def publish(
         self, identity: Identity, channel: str, event: str, data: Any, *, idempotency_key: str | None = None
     ) -> Event:
-        """Store an event published over HTTP; the watcher broadcasts it."""
+        """Store an event ``identity`` publishes over HTTP; the watcher broadcasts it.
+
+        The idempotency key is the caller's own (:func:`scoped_idempotency_key`): a retry returns the caller's
+        first event, and nobody else's key can suppress or reveal it.
+        """
         tenant, channel = self.authorize_publish(identity, channel)
-        stored = await self.append(tenant, channel, event, data, idempotency_key=idempotency_key)
+        stored = await self.append(tenant, channel, event, data,
+                                   idempotency_key=scoped_idempotency_key(identity, idempotency_key))
         metrics.EVENTS_PUBLISHED.labels("http").inc()
         return stored
 
@@ -241,9 +265,12 @@ class Eddy:
                      idempotency_key: str | None = None) -> Event:
         """Store an event on an authorized channel (ephemeral where its rule keeps no history).
 
-        :class:`InvalidInput` when the data cannot be stored (nested too deep, refused by the store).
+        :class:`InvalidInput` when the data cannot be stored (nested too deep, refused by the store) or the key
+        is reserved. Callers with an identity use :meth:`publish`, which scopes the key to the caller.
         """
         check_data(data)
+        if idempotency_key is not None and idempotency_key.startswith(RESERVED_KEY_PREFIX):
+            raise InvalidInput(f"idempotency keys starting with {RESERVED_KEY_PREFIX!r} are reserved")
         draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=idempotency_key,
                            ephemeral=not self.keeps_history(channel))
         try:
@@ -256,16 +283,18 @@ class Eddy:
         """Keep an event until ``deliver_at``; the scheduler publishes it then.
 
         :class:`InvalidInput` when ``deliver_at`` is not within :data:`service.scheduler.MAX_DELAY` of now.
+        The idempotency key is scoped to the caller as in :meth:`publish`.
         """
         problem = deliver_at_problem(deliver_at, time.time())
         if problem is not None:
             raise InvalidInput(problem)
         tenant, channel = self.authorize_publish(identity, channel)
         check_data(data)
+        key = scoped_idempotency_key(identity, idempotency_key)
         if await self.storage.count_scheduled(tenant) >= self.settings.max_scheduled_per_tenant:
             raise LimitReached("TOO_MANY_SCHEDULED", f"this tenant already holds "
                                f"{self.settings.max_scheduled_per_tenant} scheduled events")
-        draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=idempotency_key,
+        draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=key,
                            ephemeral=not self.keeps_history(channel))
         try:
             return await self.storage.schedule(draft, deliver_at)

@@ -118,7 +118,7 @@ async def test_publishing_to_a_user_room_is_allowed_over_http(http_server, http_
 async def test_health_and_readiness(http_server, http_port, eddy, monkeypatch):
     assert json_of(await http(http_port, "GET", "/healthz")) == {"status": "ok"}
     ready = await http(http_port, "GET", "/readyz")
-    assert ready.code == 200 and json_of(ready)["checks"] == {"storage": "ok", "watcher": "ok"}
+    assert ready.code == 200 and json_of(ready)["checks"] == {"storage": "ok", "watcher": "ok", "scheduler": "ok"}
 
     async def down():
         raise StorageUnavailable("gone")

@@ -240,3 +240,36 @@ async def test_scheduled_events_are_capped_per_tenant_and_listed_in_pages(http_s
     for bad in ("limit=0", "limit=1001", "limit=x", "cursor=nonsense", "cursor=inf_abc"):
         response = await http(http_port, "GET", f"/api/scheduled?{bad}", token=backend)
         assert response.code == 400 and json_of(response)["code"] == "INVALID_PARAMETER", bad
+
+
+# Medium: idempotency keys were tenant-wide and disclosed another user's event --------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_idempotency_keys_belong_to_their_caller(http_server, http_port):
+    ana, bob = make_token("ana"), make_token("bob")
+    body = {"channel": "orders", "event": "e", "idempotency_key": "k-1"}
+    first = json_of(await http(http_port, "POST", "/api/events", {**body, "data": "ana's secret"}, ana))
+    theirs = await http(http_port, "POST", "/api/events", {**body, "data": "bob's"}, bob)
+    assert theirs.code == 201 and json_of(theirs)["data"] == "bob's" and json_of(theirs)["id"] != first["id"]
+    retried = json_of(await http(http_port, "POST", "/api/events", {**body, "data": "again"}, ana))
+    assert retried["id"] == first["id"] and retried["data"] == "ana's secret"  # a retry is still stored once
+    when = {**body, "idempotency_key": "remind", "delay_s": 600}
+    mine = json_of(await http(http_port, "POST", "/api/events", {**when, "data": 1}, ana))["scheduled"]
+    other = json_of(await http(http_port, "POST", "/api/events", {**when, "data": 2}, bob))["scheduled"]
+    assert mine["id"] != other["id"] and other["data"] == 2
+    page = json_of(await http(http_port, "GET", "/api/channels/orders/events", token=ana))
+    assert [e["data"] for e in page["events"]] == ["ana's secret", "bob's"]
+
+
+@pytest.mark.gen_test
+@pytest.mark.settings(schedule_interval=0.05)
+async def test_the_scheduled_key_prefix_is_reserved(http_server, http_port):
+    backend = make_token(**BACKEND)
+    item = await schedule(http_port, backend, "orders")
+    for key in (f"scheduled:{item['id']}", "scheduled:", "tab\there"):
+        response = await http(http_port, "POST", "/api/events",
+                              {"channel": "orders", "event": "e", "idempotency_key": key}, backend)
+        assert response.code == 400 and json_of(response)["code"] == "INVALID_BODY", key
+    assert [i["id"] for i in json_of(await http(http_port, "GET", "/api/scheduled", token=backend))["scheduled"]] \
+        == [item["id"]]
