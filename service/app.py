@@ -188,11 +188,34 @@ class Eddy:
         return key
 
     def authorize_publish(self, identity: Identity, channel: object) -> ChannelKey:
-        """The key of ``channel`` if the identity may publish to it over HTTP (server-side targeting)."""
+        """The key of ``channel`` if the identity may publish to it over HTTP, else :class:`ChannelRefused`.
+
+        The policy (docs/SECURITY.md, "Who may publish"):
+
+        * a *server credential* (a token holding ``EDDY_PUBLISHER_ROLE``) publishes to any channel of its tenant,
+          built-in rooms included (server-side targeting), whatever a rule's ``publish`` list says; with a rules
+          file the channel must still match a rule;
+        * any other token never publishes to built-in rooms (``user:``, ``role:``, ``tenant``); with a rules
+          file it publishes where the channel's rule lets it (the same check as a socket publish), without one
+          to any other channel of its tenant (the development default).
+        """
         key = self.channel_key(identity, channel)
-        if self.rules.configured and builtin_decision(identity, key[1]) is None:
-            self._rule_for(key[1])
+        name = key[1]
+        builtin = builtin_decision(identity, name) is not None
+        if self.is_publisher(identity):
+            if self.rules.configured and not builtin:
+                self._rule_for(name)
+            return key
+        if builtin:
+            raise ChannelRefused(frames.FORBIDDEN, f"publishing to built-in rooms needs the "
+                                 f"{self.settings.publisher_role or 'publisher'} role (a server credential)")
+        if self.rules.configured and not self._rule_for(name).may_publish(identity, name):
+            raise ChannelRefused(frames.FORBIDDEN, f"publishing to {name} is not allowed for this user")
         return key
+
+    def is_publisher(self, identity: Identity) -> bool:
+        """Whether ``identity`` is a server credential (holds the configured publisher role)."""
+        return bool(self.settings.publisher_role) and self.settings.publisher_role in identity.roles
 
     def authorize_socket_publish(self, identity: Identity, channel: object) -> ChannelKey:
         """The key of ``channel`` if a rule lets the identity publish to it from a socket."""

@@ -62,6 +62,11 @@ class Settings:
         0.0, "Seconds a socket may stay unauthenticated waiting for an authenticate frame (0 = token required at the handshake)."
     )
     token_grace: float = setting(30.0, "Seconds after TOKEN_EXPIRED to send a fresh token before the socket is closed (4003).")
+    publisher_role: str = setting(
+        "publisher",
+        "Role of server credentials: a token holding it publishes over HTTP to any channel of its tenant, built-in "
+        "rooms included, whatever the rules' publish lists say (empty: no such role).",
+    )
     authorizer_timeout: float = setting(2.0, "Seconds to wait for a join authorizer's answer.")
     authorizer_cache_ttl: float = setting(30.0, "Seconds a join authorizer's answer is reused.")
 

@@ -273,3 +273,27 @@ async def test_the_scheduled_key_prefix_is_reserved(http_server, http_port):
         assert response.code == 400 and json_of(response)["code"] == "INVALID_BODY", key
     assert [i["id"] for i in json_of(await http(http_port, "GET", "/api/scheduled", token=backend))["scheduled"]] \
         == [item["id"]]
+
+
+# Medium: with a rules file, REST publish ignored the rule's publish list -------------------------------------------
+
+
+@pytest.mark.gen_test
+@pytest.mark.rules(RULES)
+async def test_rest_publish_obeys_the_rules_and_server_credentials_target_any_room(http_server, http_port):
+    async def status(token: str, channel: str) -> tuple[int, str | None]:
+        response = await http(http_port, "POST", "/api/events", {"channel": channel, "event": "e"}, token)
+        return response.code, json_of(response).get("code")
+
+    nobody, agent, backend = make_token("eve"), make_token("ana", roles=["agent"]), make_token(**BACKEND)
+    for channel in ("role:agent", "user:ana", "tenant", "desk:1", "orders", "unlisted"):
+        assert await status(nobody, channel) == (403, "FORBIDDEN"), channel
+    assert await status(agent, "desk:1") == (201, None)  # the rule's publish list names agents
+    assert await status(agent, "orders") == (403, "FORBIDDEN")  # this rule has no publish list
+    assert await status(agent, "user:ana") == (403, "FORBIDDEN")  # built-in rooms: server credentials only
+    for channel in ("role:agent", "user:ana", "tenant", "desk:1", "orders"):
+        assert await status(backend, channel) == (201, None), channel
+    assert await status(backend, "unlisted") == (403, "FORBIDDEN")  # a channel no rule matches: nobody joins it
+    # The same for scheduling.
+    response = await http(http_port, "POST", "/api/events", {"channel": "user:ana", "event": "e", "delay_s": 9}, nobody)
+    assert response.code == 403
