@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import tornado.web
@@ -278,9 +279,11 @@ class DevTokenHandler(ApiHandler):
     only to a caller on this machine; anywhere else it does not exist (404).
     """
 
+    #: Headers a proxy adds: a request carrying one came from somewhere else, whatever its socket says.
+    FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host")
+
     def post(self) -> None:
-        remote = self.request.remote_ip or ""
-        if self.eddy.dev_secret_file is None or not ipaddress.ip_address(remote).is_loopback:
+        if self.eddy.dev_secret_file is None or not self._from_this_machine():
             raise ApiError(404, "NOT_FOUND", f"no endpoint at {self.request.path}")
         body = parse_object(self.request.body or b"{}")
         sub, tenant = body.get("sub", "dev"), body.get("tenant", "dev")
@@ -291,6 +294,36 @@ class DevTokenHandler(ApiHandler):
             raise ApiError(400, "INVALID_BODY", "sub and tenant are strings of 1-200 characters, roles a list")
         token = self.eddy.verifier.mint(sub, tenant=tenant, roles=roles, ttl=DEV_TOKEN_TTL)
         self.write_json({"token": token, "sub": sub, "tenant": tenant, "roles": roles, "expires_in": DEV_TOKEN_TTL})
+
+
+    def _from_this_machine(self) -> bool:
+        """A loopback socket, no forwarding header, and a loopback ``Host`` (and ``Origin``, when sent).
+
+        A reverse proxy on the same host connects from loopback too: its forwarding headers, or the public
+        name in ``Host``/``Origin``, give it away.
+        """
+        headers = self.request.headers
+        if any(name in headers for name in self.FORWARDING_HEADERS):
+            return False
+        origin = headers.get("Origin")
+        return (is_loopback_host(self.request.remote_ip or "") and is_loopback_host(headers.get("Host", ""), port=True)
+                and (origin is None or is_loopback_host(urlsplit(origin).netloc, port=True)))
+
+
+def is_loopback_host(value: str, *, port: bool = False) -> bool:
+    """Whether ``value`` (an address, or with ``port`` a ``host[:port]`` as in ``Host``) names this machine."""
+    host = value
+    if port:
+        try:
+            host = urlsplit(f"//{value}").hostname or ""
+        except ValueError:  # e.g. an unbalanced "[" in Host
+            return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class HealthHandler(ApiHandler):
