@@ -1,19 +1,12 @@
-"""The storage contract every Eddy backend implements.
+"""The storage contracts, one per role, and the records they exchange.
 
-A backend is an append-only event log with three capabilities:
+* :class:`EventLog`: append, history, watch, positions and the epoch;
+* :class:`PresenceStore`: who is online where;
+* :class:`ReadReceiptStore`: each user's newest read per channel;
+* :class:`Scheduling`: events kept until a time, claimed by one process;
+* :class:`CollectionFeed`: the application's own collections as events (MongoDB).
 
-* ``append`` stores one event and gives it a *position*: an integer that grows
-  by commit order across the whole store (every channel, every tenant, every
-  Eddy process writing to it). The event's public id is that position written
-  in decimal, so ids are comparable and a client can resume from one.
-* ``history`` reads one channel of one tenant after a position, oldest first.
-  History is bounded (by count per channel and by age); when a read asks for
-  events that have already been trimmed away, ``History.lost`` says so rather
-  than silently skipping them.
-* ``watch`` is the change feed: an async iterator of *every* event committed
-  after a position, in commit order, including events appended by other
-  processes that share the store. One watcher per process consumes it.
-
+:class:`Storage` is all of them at once, which is what a backend implements.
 The storage layer knows nothing of sockets, frames or users: tenants and
 channels are plain strings here.
 """
@@ -34,6 +27,11 @@ __all__ = [
     "PresenceEntry",
     "ReadReceipt",
     "ScheduledEvent",
+    "CollectionFeed",
+    "EventLog",
+    "PresenceStore",
+    "ReadReceiptStore",
+    "Scheduling",
     "Storage",
     "StorageError",
     "StorageUnavailable",
@@ -160,6 +158,11 @@ def claim_blocks_cancel(claimed_until: float, now: float) -> bool:
     return now < claimed_until < PARKED_UNTIL
 
 
+def new_epoch() -> str:
+    """A fresh epoch for a store being created: 12 random hex digits."""
+    return uuid.uuid4().hex[:12]
+
+
 _SCHEDULE_NAMESPACE = uuid.UUID("6f0d3c1e-8f51-4c55-9a3e-5d2f1b7c9e01")
 
 
@@ -197,27 +200,26 @@ def parse_event_id(event_id: str | int) -> int:
     return position
 
 
-class Storage(abc.ABC):
-    """Base class of every backend. Subclasses implement the abstract methods.
+class EventLog(abc.ABC):
+    """The event log: an append-only, totally ordered log shared by every Eddy process on the store.
+
+    * ``append`` stores one event and gives it a *position*: an integer that
+      grows by commit order across the whole store (every channel, every
+      tenant, every process). The public id is the position in decimal.
+    * ``history`` reads one channel of one tenant after a position, oldest
+      first, bounded by count and age; ``History.lost`` says when the read
+      starts before what is still kept.
+    * ``watch`` is the change feed: every event committed after a position,
+      in commit order, other processes' appends included.
+    * ``epoch`` names this incarnation of the log. Positions only compare
+      within one epoch: a new store (a new file, a restarted ``memory://``,
+      fresh collections) starts a new epoch, so a client's position from the
+      old one is recognised as meaningless rather than silently skipping.
 
     Backends are created by :func:`storage.open_storage` from a URL and are not
     usable until :meth:`open` has returned. All methods are called from the
-    asyncio event loop; a backend that does blocking I/O must move it off the
-    loop itself.
+    asyncio event loop; a backend that does blocking I/O moves it off the loop.
     """
-
-    def __init__(
-        self,
-        *,
-        history_size: int = DEFAULT_HISTORY_SIZE,
-        history_ttl: float = DEFAULT_HISTORY_TTL,
-    ) -> None:
-        if history_size < 1:
-            raise ValueError("history_size must be at least 1")
-        if history_ttl <= 0:
-            raise ValueError("history_ttl must be positive")
-        self.history_size = history_size
-        self.history_ttl = history_ttl
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -231,9 +233,12 @@ class Storage(abc.ABC):
     async def append(self, draft: EventDraft) -> Event:
         """Store ``draft`` durably and return it with its position and timestamp.
 
-        With an ``idempotency_key`` already used in the same tenant, nothing is
-        stored and the event stored the first time is returned.
-        Raises :class:`StorageUnavailable` when the store cannot be written.
+        Every field of the draft comes back unchanged in the event, from here,
+        from ``history`` and from ``watch``. With an ``idempotency_key``
+        already used in the same tenant, nothing is stored and the event
+        stored the first time is returned. Raises :class:`StorageUnavailable`
+        when the store cannot be written, :class:`RecordRefused` when it
+        cannot keep this draft (then nothing else fails with it).
         """
 
     @abc.abstractmethod
@@ -256,11 +261,22 @@ class Storage(abc.ABC):
         calling ``watch`` again with the last position it received.
         """
 
+    @abc.abstractmethod
+    async def epoch(self) -> str:
+        """This store's epoch: a short string, the same for every process and across restarts of the same
+        durable store, different for a store created anew."""
+
     async def ping(self) -> None:
         """Raise :class:`StorageUnavailable` unless the store answers now."""
         await self.last_position()
 
-    # Presence and read receipts: small mutable state beside the log ---------
+
+class PresenceStore(abc.ABC):
+    """Who is online where: entries per (tenant, channel, connection) that expire unless refreshed.
+
+    Processes refresh their entries periodically; the entries of a process that
+    dies expire by themselves, so presence heals without it.
+    """
 
     @abc.abstractmethod
     async def save_presence(self, entries: list[PresenceEntry]) -> None:
@@ -274,6 +290,10 @@ class Storage(abc.ABC):
     async def presence(self, tenant: str, channel: str) -> list[PresenceEntry]:
         """Entries of a channel that have not expired, in no particular order."""
 
+
+class ReadReceiptStore(abc.ABC):
+    """Each user's newest read message per channel: one mutable row per (tenant, channel, user)."""
+
     @abc.abstractmethod
     async def save_read(self, tenant: str, channel: str, receipt: ReadReceipt) -> None:
         """Remember ``receipt`` as the user's newest read in the channel (replacing an older one)."""
@@ -282,11 +302,22 @@ class Storage(abc.ABC):
     async def reads(self, tenant: str, channel: str) -> list[ReadReceipt]:
         """Each user's newest read receipt in the channel."""
 
-    # Scheduled events --------------------------------------------------------
+
+class Scheduling(abc.ABC):
+    """Events kept until a time, then published exactly once by whichever process claims them.
+
+    A draft comes back from every method with all its fields (``ephemeral``
+    and ``meta`` included). Claims are leases held in the store, not in a
+    process: a process that dies leaves its claims to run out, and another
+    takes them. An event that can never be published is *parked*.
+    """
 
     @abc.abstractmethod
     async def schedule(self, draft: EventDraft, deliver_at: float) -> ScheduledEvent:
-        """Keep ``draft`` until ``deliver_at`` (seconds since the epoch)."""
+        """Keep ``draft`` until ``deliver_at`` (seconds since the epoch).
+
+        With an idempotency key, a second call with the same (tenant, key) stores nothing and returns the first.
+        """
 
     @abc.abstractmethod
     async def scheduled(self, tenant: str, channel: str | None = None, *,
@@ -331,14 +362,39 @@ class Storage(abc.ABC):
         Their claim is held by :data:`PARKED_OWNER` until :data:`PARKED_UNTIL` (forever).
         """
 
-    # Application collections (optional) ------------------------------------
+
+class CollectionFeed(abc.ABC):
+    """The application's own collections as events (``[[collections]]``): a change feed of data Eddy does not own.
+
+    Optional: only a backend with a change feed of the application's data
+    offers it (MongoDB's change streams); the others refuse at start.
+    """
 
     async def follow_collections(self, tables: list[dict[str, Any]]) -> None:
-        """Turn changes in the application's own collections into events (``[[collections]]``).
-
-        Only a backend with a change feed of the application's data offers it (MongoDB).
-        """
+        """Turn changes in the application's own collections into events of the log."""
         raise ValueError(f"{type(self).__name__} cannot watch application collections: use MongoDB storage")
+
+
+class Storage(EventLog, PresenceStore, ReadReceiptStore, Scheduling, CollectionFeed):
+    """Every role in one object: what :func:`storage.open_storage` returns and the built-in backends implement.
+
+    The roles are separate contracts (above); a backend implements them all in
+    one class because they share one connection, but the service could be
+    given each from a different store.
+    """
+
+    def __init__(
+        self,
+        *,
+        history_size: int = DEFAULT_HISTORY_SIZE,
+        history_ttl: float = DEFAULT_HISTORY_TTL,
+    ) -> None:
+        if history_size < 1:
+            raise ValueError("history_size must be at least 1")
+        if history_ttl <= 0:
+            raise ValueError("history_ttl must be positive")
+        self.history_size = history_size
+        self.history_ttl = history_ttl
 
     @staticmethod
     def now() -> float:

@@ -23,6 +23,7 @@ from .base import (
     Storage,
     StorageUnavailable,
     claim_blocks_cancel,
+    new_epoch,
     publication_key,
     scheduled_id_for,
 )
@@ -45,6 +46,8 @@ class MemoryStorage(Storage):
         #: id -> (scheduled event, owner of the claim, claim expiry)
         self._scheduled: dict[str, tuple[ScheduledEvent, str | None, float]] = {}
         self._changed = asyncio.Condition()
+        #: Nothing survives this object, so every instance is a new store.
+        self._epoch = new_epoch()
         self._open = False
 
     async def open(self) -> None:
@@ -109,6 +112,9 @@ class MemoryStorage(Storage):
     async def last_position(self) -> int:
         self._check_open()
         return self._position
+
+    async def epoch(self) -> str:
+        return self._epoch
 
     async def watch(self, after: int) -> AsyncIterator[Event]:
         self._check_open()

@@ -69,6 +69,7 @@ from .base import (
     Storage,
     StorageError,
     StorageUnavailable,
+    new_epoch,
     publication_key,
     scheduled_id_for,
 )
@@ -89,6 +90,7 @@ TTL_BACKSTOP = 3600.0
 #: Options of ours in the URL, removed before the driver sees it.
 OWN_OPTIONS = {"eddy_prefix", "max_await_ms", "transaction_timeout"}
 _COUNTER_ID = "events"
+_EPOCH_ID = "epoch"
 
 
 @contextmanager
@@ -146,7 +148,8 @@ def _to_event(document: dict[str, Any]) -> Event:
 
 def _to_scheduled(document: dict[str, Any]) -> ScheduledEvent:
     draft = EventDraft(document["tenant"], document["channel"], document["event"], _load_data(document),
-                       idempotency_key=document.get("idempotency_key"))
+                       idempotency_key=document.get("idempotency_key"), ephemeral=document.get("ephemeral", False),
+                       meta=document.get("meta"))
     return ScheduledEvent(document["_id"], draft, document["deliver_at"], document["created_at"])
 
 
@@ -174,6 +177,7 @@ class MongoStorage(Storage):
         self._appends_since_trim: dict[tuple[str, str], int] = {}
         #: (position, resume token) where the last watch stopped: a new watch from there resumes the stream.
         self._resume: tuple[int, Any] | None = None
+        self._epoch: str | None = None
 
     # Lifecycle -------------------------------------------------------------
 
@@ -407,6 +411,16 @@ class MongoStorage(Storage):
         counter = await self._call(self.counters.find_one({"_id": _COUNTER_ID}))
         return int(counter["seq"]) if counter else 0
 
+    async def epoch(self) -> str:
+        """Kept beside the position counter, written by whichever process asks first: fresh collections, new epoch."""
+        if self._epoch is None:
+            self._check_open()
+            document = await self._call(self.counters.find_one_and_update(
+                {"_id": _EPOCH_ID}, {"$setOnInsert": {"value": new_epoch()}}, upsert=True,
+                return_document=ReturnDocument.AFTER))
+            self._epoch = str(document["value"])
+        return self._epoch
+
     async def _events_between(self, after: int, before: int | None = None) -> list[Event]:
         bounds: dict[str, int] = {"$gt": after}
         if before is not None:
@@ -517,6 +531,10 @@ class MongoStorage(Storage):
         _store_data(document, draft.data)
         if draft.idempotency_key is not None:
             document["idempotency_key"] = draft.idempotency_key
+        if draft.ephemeral:
+            document["ephemeral"] = True
+        if draft.meta is not None:
+            document["meta"] = draft.meta
         try:
             await self.schedule_entries.insert_one(document)
         except DuplicateKeyError:

@@ -39,6 +39,7 @@ from .base import (
     StorageError,
     StorageUnavailable,
     claim_blocks_cancel,
+    new_epoch,
     publication_key,
     scheduled_id_for,
 )
@@ -87,10 +88,16 @@ CREATE TABLE IF NOT EXISTS scheduled (
     deliver_at REAL NOT NULL,
     created_at REAL NOT NULL,
     claimed_by TEXT,
-    claimed_until REAL NOT NULL DEFAULT 0
+    claimed_until REAL NOT NULL DEFAULT 0,
+    ephemeral INTEGER NOT NULL DEFAULT 0,
+    meta BLOB
 );
 CREATE INDEX IF NOT EXISTS scheduled_by_due ON scheduled (deliver_at);
 CREATE INDEX IF NOT EXISTS scheduled_by_tenant ON scheduled (tenant, channel, deliver_at);
+CREATE TABLE IF NOT EXISTS store (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS trimmed (
     tenant TEXT NOT NULL,
     channel TEXT NOT NULL,
@@ -100,7 +107,10 @@ CREATE TABLE IF NOT EXISTS trimmed (
 """
 
 COLUMNS = "position, tenant, channel, event, data, timestamp, ephemeral, idempotency_key, meta"
-SCHEDULED_COLUMNS = "id, tenant, channel, event, data, idempotency_key, deliver_at, created_at"
+SCHEDULED_COLUMNS = "id, tenant, channel, event, data, idempotency_key, deliver_at, created_at, ephemeral, meta"
+#: Columns added since the first release, with their definitions, per table: added to older files at open.
+ADDED_COLUMNS = {"events": {"meta": "BLOB"},
+                 "scheduled": {"ephemeral": "INTEGER NOT NULL DEFAULT 0", "meta": "BLOB"}}
 
 #: Trim a channel by size after this many appends to it in this process.
 TRIM_EVERY = 100
@@ -126,8 +136,9 @@ def _row_to_event(row: tuple) -> Event:
 
 
 def _row_to_scheduled(row: tuple) -> ScheduledEvent:
-    scheduled_id, tenant, channel, event, data, key, deliver_at, created_at = row
-    draft = EventDraft(tenant, channel, event, orjson.loads(data), idempotency_key=key)
+    scheduled_id, tenant, channel, event, data, key, deliver_at, created_at, ephemeral, meta = row
+    draft = EventDraft(tenant, channel, event, orjson.loads(data), idempotency_key=key, ephemeral=bool(ephemeral),
+                       meta=orjson.loads(meta) if meta is not None else None)
     return ScheduledEvent(scheduled_id, draft, deliver_at, created_at)
 
 
@@ -153,6 +164,7 @@ class SQLiteStorage(Storage):
         #: One event per running watcher, set after every local commit.
         self._wakeups: set[asyncio.Event] = set()
         self._appends_since_trim: dict[tuple[str, str], int] = {}
+        self._epoch: str | None = None
         self._closed = True
 
     # Lifecycle -------------------------------------------------------------
@@ -189,9 +201,13 @@ class SQLiteStorage(Storage):
                 try:
                     connection.execute("PRAGMA journal_mode = WAL")
                     connection.executescript(SCHEMA)
-                    columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
-                    if "meta" not in columns:  # a file made before scheduled events existed
-                        connection.execute("ALTER TABLE events ADD COLUMN meta BLOB")
+                    for table, added in ADDED_COLUMNS.items():  # a file made by an older release
+                        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+                        for column, definition in added.items():
+                            if column not in columns:
+                                connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                    connection.execute("INSERT OR IGNORE INTO store (name, value) VALUES ('epoch', ?)",
+                                       (new_epoch(),))
                     break
                 except sqlite3.OperationalError as exc:
                     if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -447,9 +463,10 @@ class SQLiteStorage(Storage):
 
         def insert(connection: sqlite3.Connection) -> ScheduledEvent:
             connection.execute(
-                f"INSERT OR IGNORE INTO scheduled ({SCHEDULED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR IGNORE INTO scheduled ({SCHEDULED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (item.id, draft.tenant, draft.channel, draft.event, orjson.dumps(draft.data), draft.idempotency_key,
-                 deliver_at, item.created_at),
+                 deliver_at, item.created_at, int(draft.ephemeral),
+                 orjson.dumps(draft.meta) if draft.meta is not None else None),
             )
             row = connection.execute(f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE id = ?", (item.id,)).fetchone()
             return _row_to_scheduled(row) if row is not None else item  # None: published meanwhile
@@ -566,6 +583,14 @@ class SQLiteStorage(Storage):
     async def last_position(self) -> int:
         self._check_open()
         return await self._read(self._last_position)
+
+    async def epoch(self) -> str:
+        """Written once, when the file's schema is created; a new file has a new one."""
+        if self._epoch is None:
+            self._check_open()
+            rows = await self._read(self._query, "SELECT value FROM store WHERE name = 'epoch'", ())
+            self._epoch = rows[0][0]
+        return self._epoch
 
     def _last_position(self) -> int:
         assert self._reader is not None

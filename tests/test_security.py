@@ -25,6 +25,11 @@ publish = ["role:agent"]
 [[channels]]
 pattern = "orders"
 join = ["tenant"]
+
+[[channels]]
+pattern = "live"
+join = ["tenant"]
+history = false
 """
 #: A backend's credential: a token with the publisher role (EDDY_PUBLISHER_ROLE).
 BACKEND = {"sub": "backend", "roles": ["publisher"]}
@@ -297,3 +302,22 @@ async def test_rest_publish_obeys_the_rules_and_server_credentials_target_any_ro
     # The same for scheduling.
     response = await http(http_port, "POST", "/api/events", {"channel": "user:ana", "event": "e", "delay_s": 9}, nobody)
     assert response.code == 403
+
+
+# A scheduled event on a `history = false` channel lost `ephemeral` (SQLite, MongoDB) and ended up in history -----
+# (every backend: test_storage_contract.py::test_every_draft_field_round_trips_through_scheduling)
+
+
+@pytest.mark.gen_test
+@pytest.mark.rules(RULES)
+@pytest.mark.settings(schedule_interval=0.05)
+async def test_a_scheduled_event_on_a_channel_without_history_stays_out_of_history(http_server, http_port):
+    backend, viewer = make_token(**BACKEND), make_token("ana")
+    client = await Client.connect(http_port, "/ws/live/stream", viewer)
+    await client.recv_type("connected")
+    response = await http(http_port, "POST", "/api/events", {"channel": "live", "event": "tick", "delay_s": 0.1}, backend)
+    assert response.code == 202
+    assert (await client.recv_type("event", timeout=5))["event"] == "tick"  # delivered live
+    page = json_of(await http(http_port, "GET", "/api/channels/live/events", token=viewer))
+    assert page["events"] == []
+    client.close()

@@ -312,3 +312,56 @@ async def test_scheduled_pages_lookups_counts_and_parking(make_storage):
     assert await store.claim_due("b", time.time(), lease=30, limit=10) == []
     assert bad.id in [i.id for i in await store.scheduled("acme")]
     assert await store.cancel_scheduled("acme", bad.id) is True
+
+
+EVERY_FIELD = EventDraft(tenant="acme", channel="desk:7", event="ticket.moved", data={"n": [1, {"ok": True}]},
+                         idempotency_key="k-7", ephemeral=True, meta={"late": False, "late_ms": 3})
+
+
+def test_every_field_of_a_draft_is_covered():
+    """The round-trip tests below name every field; a new EventDraft field must be added to EVERY_FIELD."""
+    unset = [f.name for f in dataclasses.fields(EventDraft) if getattr(EVERY_FIELD, f.name) == f.default]
+    assert unset == []
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("ephemeral", [True, False])
+async def test_every_draft_field_round_trips_through_append_history_and_watch(make_storage, ephemeral):
+    store = await make_storage()
+    draft_in = dataclasses.replace(EVERY_FIELD, ephemeral=ephemeral)
+    feed = store.watch(await store.last_position())
+    stored = await store.append(draft_in)
+    [watched] = await collect(feed, 1)
+    kept = (await store.history("acme", "desk:7")).events
+    assert kept == ([] if ephemeral else [stored])  # ephemeral events never reach history
+    for event in (stored, watched, *kept):
+        assert {f.name: getattr(event, f.name) for f in dataclasses.fields(EventDraft)} \
+            == dataclasses.asdict(draft_in), event
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("ephemeral", [True, False])
+async def test_every_draft_field_round_trips_through_scheduling(make_storage, ephemeral):
+    """Issue 15: a scheduled event of a `history = false` channel lost `ephemeral` (SQLite, MongoDB)."""
+    store = await make_storage()
+    draft_in = dataclasses.replace(EVERY_FIELD, ephemeral=ephemeral)
+    item = await store.schedule(draft_in, time.time() - 1)
+    assert (await store.get_scheduled("acme", item.id)).draft == draft_in
+    assert [i.draft for i in await store.scheduled("acme")] == [draft_in]
+    [claimed] = await store.claim_due("me", time.time(), lease=30, limit=10)
+    assert claimed.draft == draft_in
+
+
+@pytest.mark.gen_test
+async def test_the_epoch_is_kept_by_the_store_and_new_for_a_new_store(make_storage, request, tmp_path):
+    store = await make_storage()
+    epoch = await store.epoch()
+    assert isinstance(epoch, str) and 0 < len(epoch) <= 32
+    assert await store.epoch() == epoch
+    if request.node.callspec.params["make_storage"] == "sqlite":
+        await store.close()
+        reopened = await make_storage()  # the same file
+        assert await reopened.epoch() == epoch
+    fresh = open_storage("memory://")
+    await fresh.open()
+    assert await fresh.epoch() != epoch
