@@ -19,7 +19,7 @@ import tornado.web
 from service import frames, metrics
 from service.app import ChannelRefused, Eddy
 from service.auth import AuthError, Identity, token_from_request
-from service.errors import InvalidInput, LimitReached, NotFound, StorageUnavailable
+from service.errors import HistoryLost, InvalidInput, LimitReached, NotFound, StorageUnavailable
 from service.scheduler import MAX_DELAY
 from service.stream import parse_event_id
 
@@ -155,7 +155,11 @@ class EventsHandler(ApiHandler):
 
 
 class HistoryHandler(ApiHandler):
-    """``GET /api/channels/<channel>/events?after=&limit=``: the polling fallback."""
+    """``GET /api/channels/<channel>/events?after=&limit=&epoch=``: the polling fallback.
+
+    The answer names the store's ``epoch``; a client that polls sends it back with ``after``, and gets
+    ``410 HISTORY_LOST`` once the store has been recreated (its ids no longer mean anything).
+    """
 
     async def get(self, channel: str) -> None:
         identity = self.authenticate()
@@ -163,11 +167,11 @@ class HistoryHandler(ApiHandler):
         limit = self._int_argument("limit", 100, parse=int)
         if not 1 <= limit <= MAX_HISTORY_LIMIT:
             raise ApiError(400, "INVALID_PARAMETER", f"limit must be between 1 and {MAX_HISTORY_LIMIT}")
+        epoch = self.get_query_argument("epoch", None)
         with service_errors():
-            page = await self.eddy.history(identity, channel, after=after, limit=limit)
-        self.write_json(
-            {"channel": channel, "events": [frames.event_body(e) for e in page.events], "lost": page.lost}
-        )
+            page = await self.eddy.history(identity, channel, after=after, limit=limit, epoch=epoch)
+        self.write_json({"channel": channel, "epoch": self.eddy.epoch,
+                         "events": [frames.event_body(e) for e in page.events], "lost": page.lost})
 
     def _int_argument(self, name: str, default: int, *, parse) -> int:
         raw = self.get_query_argument(name, None)
@@ -351,6 +355,8 @@ def service_errors(invalid: str = "INVALID_BODY") -> Iterator[None]:
         raise ApiError(400, invalid, exc.message) from None
     except NotFound as exc:
         raise ApiError(404, "NOT_FOUND", exc.message) from None
+    except HistoryLost as exc:
+        raise ApiError(410, frames.HISTORY_LOST, exc.message) from None
     except LimitReached as exc:
         raise ApiError(429, exc.code, exc.message) from None
     except StorageUnavailable as exc:

@@ -40,7 +40,7 @@ from .hub import ChannelKey, Hub
 from .limits import Buckets
 from .logs import log_request
 from .presence import PresenceTracker
-from .errors import InvalidInput, LimitReached, NotFound
+from .errors import HistoryLost, InvalidInput, LimitReached, NotFound
 from .payload import check_data
 from .scheduler import Scheduler, deliver_at_problem
 from .watcher import Watcher
@@ -117,6 +117,8 @@ class Eddy:
         self.watcher = Watcher(self.storage, self.hub)
         self.started_at = time.time()
         self._keepalive: asyncio.Task[None] | None = None
+        #: The store's epoch (:meth:`storage.EventLog.epoch`), read at start: ids only compare within it.
+        self.epoch = ""
 
     # Lifecycle -------------------------------------------------------------
 
@@ -129,6 +131,7 @@ class Eddy:
                 self.dev_secret_file,
             )
         await self.storage.open()
+        self.epoch = await self.storage.epoch()
         if self.collection_mappings:
             await self.storage.follow_collections(self.collection_mappings)
         self.watcher.start(after=await self.storage.last_position())
@@ -382,9 +385,25 @@ class Eddy:
         key = await self.authorize_join(identity, channel)
         return await self.presence.users(key)
 
-    async def history(self, identity: Identity, channel: str, *, after: int, limit: int) -> History:
+    async def history(self, identity: Identity, channel: str, *, after: int, limit: int,
+                      epoch: str | None = None) -> History:
+        """A page of ``channel``'s history after ``after``, if ``identity`` may join it.
+
+        :class:`HistoryLost` when ``after`` cannot be from this store: ``epoch`` (the one the client got with the
+        id) is not the store's, or ``after`` is beyond the newest position the store ever gave (the store was
+        recreated since). ``History.lost`` still says when the events after ``after`` were trimmed.
+        """
         tenant, channel = await self.authorize_join(identity, channel)
+        await self.check_resume_point(after, epoch)
         return await self.storage.history(tenant, channel, after=after, limit=limit)
+
+    async def check_resume_point(self, after: int, epoch: str | None) -> None:
+        """:class:`HistoryLost` unless a position ``after`` of ``epoch`` can be resumed from in this store."""
+        if epoch is not None and epoch != self.epoch:
+            raise HistoryLost(f"those ids are from epoch {epoch[:32]!r}; the store was recreated "
+                              f"(epoch {self.epoch!r}): reload without since")
+        if after > 0 and after > await self.storage.last_position():
+            raise HistoryLost("that id is ahead of this store, which was recreated: reload without since")
 
     async def readiness(self) -> dict[str, str]:
         """Each check's state; all ``"ok"`` means ready to serve."""

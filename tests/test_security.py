@@ -321,3 +321,44 @@ async def test_a_scheduled_event_on_a_channel_without_history_stays_out_of_histo
     page = json_of(await http(http_port, "GET", "/api/channels/live/events", token=viewer))
     assert page["events"] == []
     client.close()
+
+
+# A recreated store was a silent gap: a resume from the old store's ids got nothing and no `lost` -----------------
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_resume_against_a_recreated_store_is_history_lost(tmp_path):
+    from tests.test_processes import EddyProcess
+
+    database = tmp_path / "eddy.db"
+    token = make_token(**BACKEND)
+
+    async def run_server() -> EddyProcess:
+        server = EddyProcess(tmp_path, f"sqlite:///{database}", port=port)
+        await asyncio.get_running_loop().run_in_executor(None, server.wait_ready)
+        return server
+
+    port = None
+    server = await run_server()
+    port = server.port
+    try:
+        ids = [(await publish(port, "orders", data={"n": n}, token=token))["id"] for n in range(5)]
+        first = json_of(await http(port, "GET", "/api/channels/orders/events", token=token))
+        epoch = first["epoch"]
+        kept = json_of(await http(port, "GET", f"/api/channels/orders/events?after={ids[1]}&epoch={epoch}",
+                                  token=token))
+        assert [e["id"] for e in kept["events"]] == ids[2:] and kept["epoch"] == epoch
+    finally:
+        server.stop()
+    for path in tmp_path.glob("eddy.db*"):
+        path.unlink()  # the operator recreates the store
+    server = await run_server()
+    try:
+        await publish(port, "orders", data={"n": "new"}, token=token)  # position 1 of the new store
+        for query in (f"after={ids[1]}&epoch={epoch}", f"after={ids[-1]}"):  # with its epoch, or an id from beyond
+            response = await http(port, "GET", f"/api/channels/orders/events?{query}", token=token)
+            assert response.code == 410 and json_of(response)["code"] == "HISTORY_LOST", query
+        fresh = json_of(await http(port, "GET", "/api/channels/orders/events", token=token))
+        assert fresh["epoch"] != epoch and [e["data"] for e in fresh["events"]] == [{"n": "new"}]
+    finally:
+        server.stop()
