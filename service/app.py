@@ -47,6 +47,8 @@ from .watcher import Watcher
 
 log = logging.getLogger("eddy")
 
+#: Channels /api/stats lists at most (those with the most events).
+MAX_STATS_CHANNELS = 1000
 #: Most scheduled events one listing page holds.
 MAX_SCHEDULED_PAGE = 1000
 
@@ -426,6 +428,8 @@ class Eddy:
         uptime = max(time.time() - self.started_at, 1e-9)
         subscribers = self.hub.tenant_channels(tenant)
         counts = {channel: n for (owner, channel), n in self.hub.channel_events.items() if owner == tenant}
+        if len(counts) > MAX_STATS_CHANNELS:  # the busiest ones
+            counts = dict(sorted(counts.items(), key=lambda item: -item[1])[:MAX_STATS_CHANNELS])
         channels = {
             name: {"subscribers": subscribers.get(name, 0), "events": counts.get(name, 0),
                    "events_per_second": round(counts.get(name, 0) / uptime, 3)}

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import orjson
 
-from storage import Event
+from storage import BoundedCounts, Event
 
 from . import metrics
 from .frames import PreparedMessage
@@ -26,6 +26,8 @@ from .frames import PreparedMessage
 log = logging.getLogger("eddy.hub")
 
 ChannelKey = tuple[str, str]  # (tenant, channel)
+#: Channels whose fan-out the hub counts for /api/stats (the most recently active ones).
+COUNTED_CHANNELS = 10_000
 
 
 class Subscriber(Protocol):
@@ -45,8 +47,9 @@ class Hub:
         self._connections: set[Subscriber] = set()
         self.events_published = 0
         self.deliveries = 0
-        #: Events fanned out per channel since start (for rates in /api/stats).
-        self.channel_events: dict[ChannelKey, int] = {}
+        #: Events fanned out per channel since start (for rates in /api/stats), for the most recently active
+        #: :data:`COUNTED_CHANNELS` channels: a flood of channel names cannot grow it without bound.
+        self.channel_events: BoundedCounts[ChannelKey] = BoundedCounts(COUNTED_CHANNELS)
         #: Subscribers with frames waiting in their outbox, written at the end of this loop iteration.
         self._pending: list[Subscriber] = []
 
@@ -126,7 +129,7 @@ class Hub:
     def publish(self, event: Event) -> int:
         """Deliver ``event`` to every local subscriber of its channel; returns how many."""
         self.events_published += 1
-        self.channel_events[(event.tenant, event.channel)] = self.channel_events.get((event.tenant, event.channel), 0) + 1
+        self.channel_events.add((event.tenant, event.channel))
         members = self._channels.get((event.tenant, event.channel))
         if not members:
             return 0

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from .base import (
     MAX_POSITION,
+    BoundedCounts,
     CollectionFeed,
     Event,
     EventDraft,
@@ -40,6 +41,7 @@ from .base import (
 
 __all__ = [
     "MAX_POSITION",
+    "BoundedCounts",
     "CollectionFeed",
     "Event",
     "EventDraft",

@@ -16,11 +16,15 @@ from __future__ import annotations
 import abc
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 __all__ = [
+    "BoundedCounts",
     "Event",
     "EventDraft",
     "History",
@@ -156,6 +160,35 @@ PARKED_OWNER, PARKED_UNTIL = "parked", float("inf")
 def claim_blocks_cancel(claimed_until: float, now: float) -> bool:
     """True while an instance is publishing an event (its lease runs); a parked event can always be cancelled."""
     return now < claimed_until < PARKED_UNTIL
+
+
+class BoundedCounts(Generic[K]):
+    """Counts per key for at most ``limit`` keys: adding a new key past the limit forgets the least recently
+    counted one (and returns it, so its owner can finish with it). Per-channel counters live in one of these,
+    so a flood of distinct channel names cannot grow a process's memory without bound."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: OrderedDict[K, int] = OrderedDict()
+
+    def add(self, key: K, amount: int = 1) -> tuple[int, K | None]:
+        """Add ``amount`` to ``key``'s count; returns the new count and the key forgotten to make room, if any."""
+        count = self._counts.pop(key, 0) + amount
+        self._counts[key] = count
+        if len(self._counts) > self.limit:
+            forgotten, _ = self._counts.popitem(last=False)
+            return count, forgotten
+        return count, None
+
+    def set(self, key: K, count: int) -> None:
+        if key in self._counts:
+            self._counts[key] = count
+
+    def items(self) -> list[tuple[K, int]]:
+        return list(self._counts.items())
+
+    def __len__(self) -> int:
+        return len(self._counts)
 
 
 def new_epoch() -> str:

@@ -26,6 +26,7 @@ import orjson
 
 from .base import (
     EPHEMERAL_TTL,
+    BoundedCounts,
     Event,
     EventDraft,
     History,
@@ -114,6 +115,8 @@ ADDED_COLUMNS = {"events": {"meta": "BLOB"},
 
 #: Trim a channel by size after this many appends to it in this process.
 TRIM_EVERY = 100
+#: Channels whose appends this process counts for trimming at once (the least recent are trimmed and forgotten).
+TRIMMED_CHANNELS = 10_000
 #: Seconds between sweeps for expired and ephemeral events.
 SWEEP_INTERVAL = 5.0
 #: Rows a feed read returns at once.
@@ -163,7 +166,7 @@ class SQLiteStorage(Storage):
         self._tasks: list[asyncio.Task[None]] = []
         #: One event per running watcher, set after every local commit.
         self._wakeups: set[asyncio.Event] = set()
-        self._appends_since_trim: dict[tuple[str, str], int] = {}
+        self._appends_since_trim: BoundedCounts[tuple[str, str]] = BoundedCounts(TRIMMED_CHANNELS)
         self._epoch: str | None = None
         self._closed = True
 
@@ -363,14 +366,22 @@ class SQLiteStorage(Storage):
     # Trimming ----------------------------------------------------------------
 
     def _count_for_trim(self, event: Event) -> None:
-        """Every few appends to a channel, trim it to ``history_size`` (in a later transaction)."""
+        """Every few appends to a channel, trim it to ``history_size`` (in a later transaction).
+
+        The counters are bounded (:data:`TRIMMED_CHANNELS`): a channel whose counter is forgotten to make room
+        is trimmed then, so no channel escapes its size bound however many channels there are.
+        """
         key = (event.tenant, event.channel)
-        count = self._appends_since_trim.get(key, 0) + 1
+        count, forgotten = self._appends_since_trim.add(key)
         if count >= min(TRIM_EVERY, self.history_size):
-            count = 0
-            trim = asyncio.ensure_future(self._submit(lambda connection, now: self._trim_channel(connection, *key)))
-            trim.add_done_callback(lambda f: f.cancelled() or f.exception())  # best effort; the sweep retries
-        self._appends_since_trim[key] = count
+            self._appends_since_trim.set(key, 0)
+            self._trim_soon(key)
+        if forgotten is not None:
+            self._trim_soon(forgotten)
+
+    def _trim_soon(self, key: tuple[str, str]) -> None:
+        trim = asyncio.ensure_future(self._submit(lambda connection, now: self._trim_channel(connection, *key)))
+        trim.add_done_callback(lambda f: f.cancelled() or f.exception())  # best effort; the sweep retries
 
     def _trim_channel(self, connection: sqlite3.Connection, tenant: str, channel: str) -> None:
         """Keep the newest ``history_size`` events of one channel."""

@@ -117,3 +117,25 @@ def test_url_must_name_a_file():
     for bad in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
         with pytest.raises(ValueError):
             open_storage(bad)
+
+
+@pytest.mark.gen_test
+async def test_trim_counters_are_bounded_and_a_forgotten_channel_is_trimmed(url, monkeypatch):
+    """Issue 15 (Low): per-channel counters were never freed; bounded, a channel whose counter goes is trimmed."""
+    import storage.sqlite
+
+    monkeypatch.setattr(storage.sqlite, "TRIMMED_CHANNELS", 5)
+    store = open_storage(url, history_size=50)
+    await store.open()
+    for n in range(60):  # trimmed to 50 at the 50th append, then 10 more: 60 kept until the next trim
+        await store.append(EventDraft("t", "busy", "e", {"n": n}))
+    for channel in range(10):
+        await store.append(EventDraft("t", f"c{channel}", "e", None))
+    assert len(store._appends_since_trim) == 5
+    for _ in range(100):
+        page = await store.history("t", "busy", limit=100)
+        if len(page.events) == 50:
+            break
+        await asyncio.sleep(0.02)
+    assert [e.data["n"] for e in page.events] == list(range(10, 60)) and page.lost
+    await store.close()

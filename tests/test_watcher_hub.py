@@ -162,3 +162,17 @@ def test_websocket_frame_lengths(size):
         assert frame[1] == 126 and int.from_bytes(frame[2:4], "big") == size and len(frame) == size + 4
     else:
         assert frame[1] == 127 and int.from_bytes(frame[2:10], "big") == size and len(frame) == size + 10
+
+
+def test_fan_out_counters_are_bounded():
+    """Issue 15 (Low): the hub counted every channel name ever published to, for ever."""
+    from service.hub import COUNTED_CHANNELS, Hub
+    from storage import Event
+
+    hub = Hub()
+    for n in range(COUNTED_CHANNELS + 100):
+        hub.publish(Event(n + 1, "acme", f"c{n}", "e", None, 0.0))
+    hub.publish(Event(COUNTED_CHANNELS + 200, "acme", "c0", "e", None, 0.0))  # c0 was forgotten; counted anew
+    counted = dict(hub.channel_events.items())
+    assert len(counted) == COUNTED_CHANNELS
+    assert counted[("acme", "c0")] == 1 and ("acme", "c100") not in counted and counted[("acme", "c101")] == 1
