@@ -362,3 +362,36 @@ async def test_a_resume_against_a_recreated_store_is_history_lost(tmp_path):
         assert fresh["epoch"] != epoch and [e["data"] for e in fresh["events"]] == [{"n": "new"}]
     finally:
         server.stop()
+
+
+# Low: user ids outside the channel charset got a `user:` room that REST and SSE could not address ----------------
+
+
+def test_room_names_escape_what_the_channel_charset_cannot_hold():
+    from service.frames import is_valid_channel
+    from service.rules import user_room
+
+    assert user_room("ana") == "user:ana" and user_room("ana@example.com") == "user:ana@example.com"
+    names = ["auth0|abc", "José", "a b", "@ana", "x" * 300, "ana@", "", "ünïcode" * 40]
+    rooms = [user_room(name) for name in names]
+    assert all(is_valid_channel(room) for room in rooms), rooms
+    assert len(set(rooms)) == len(names)  # distinct users, distinct rooms
+    assert user_room("@ana") != "user:@ana"  # a plain id never looks like an escaped one
+
+
+@pytest.mark.gen_test
+async def test_a_user_id_outside_the_charset_has_one_room_on_every_transport(http_server, http_port):
+    from service.rules import user_room
+
+    token = make_token("auth0|abc")
+    room = user_room("auth0|abc")
+    client = await Client.connect(http_port, "/ws", token)
+    assert room in (await client.recv_type("connected"))["channels"]
+    stream = await http(http_port, "GET", f"/api/channels/{room}/events", token=token)
+    assert stream.code == 200
+    assert (await http(http_port, "GET", f"/api/channels/{room}/events", token=make_token("auth0"))).code == 403
+    sent = await publish(http_port, room, "notice", {"to": "auth0|abc"}, make_token(**BACKEND))
+    assert (await client.recv_type("event"))["id"] == sent["id"]
+    page = json_of(await http(http_port, "GET", f"/api/channels/{room}/events", token=token))
+    assert [e["id"] for e in page["events"]] == [sent["id"]]
+    client.close()
