@@ -20,6 +20,8 @@ import jwt
 log = logging.getLogger("eddy.auth")
 
 SYMMETRIC = ("HS256", "HS384", "HS512")
+#: The latest ``exp`` accepted: 9999-12-31T23:59:59Z (later ones cannot be written as a date).
+MAX_EXPIRY = 253402300799
 ASYMMETRIC = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
 
 
@@ -181,6 +183,9 @@ def identity_from_claims(claims: dict, default_tenant: str, names: ClaimNames = 
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise AuthError("TOKEN_INVALID", f"the {names.roles} claim must be a list of strings")
     exp = claims.get("exp")
+    if exp is not None and not (isinstance(exp, (int, float)) and 0 <= exp <= MAX_EXPIRY):
+        # pyjwt accepts any number; a time no calendar holds would fail wherever it is shown or timed.
+        raise AuthError("TOKEN_INVALID", "invalid token: exp is not a time before the year 10000")
     return Identity(user_id=sub, tenant=tenant, roles=tuple(roles), expires_at=float(exp) if exp is not None else None)
 
 

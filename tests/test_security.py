@@ -395,3 +395,21 @@ async def test_a_user_id_outside_the_charset_has_one_room_on_every_transport(htt
     page = json_of(await http(http_port, "GET", f"/api/channels/{room}/events", token=token))
     assert [e["id"] for e in page["events"]] == [sent["id"]]
     client.close()
+
+
+# Low: a refresh token with exp=1e300 gave INTERNAL_ERROR -------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_a_token_expiring_beyond_any_date_is_invalid_everywhere(http_server, http_port):
+    forever = make_token("alice", exp=1e300)
+    client = await Client.connect(http_port, "/ws", make_token("alice"))
+    await client.recv_type("connected")
+    answer = await client.request({"type": "authenticate", "ref": 1, "token": forever})
+    assert (answer["type"], answer["code"]) == ("error", "TOKEN_INVALID"), answer
+    assert (await client.request({"type": "ping", "ref": 2}))["type"] == "pong"  # the socket lives on
+    response = await http(http_port, "GET", "/api/stats", token=forever)
+    assert response.code == 401 and json_of(response)["code"] == "TOKEN_INVALID"
+    far = make_token("alice", exp=253402300799)  # the last second of year 9999 still works
+    assert (await client.request({"type": "authenticate", "ref": 3, "token": far}))["type"] == "ack"
+    client.close()
