@@ -148,9 +148,10 @@ class TokenVerifier:
         return self._public_key
 
     def mint(self, sub: str, *, tenant: str | None = None, roles: list[str] | None = None, ttl: float | None = 3600) -> str:
-        """Sign an HS256 token with this verifier's secret (``eddy token``, tests)."""
-        if not self._secret:
-            raise ValueError("minting needs the HS256 secret")
+        """Sign a token this verifier accepts, with its secret and first HS* algorithm (``eddy token``, tests)."""
+        algorithm = next((a for a in self.algorithms if a in SYMMETRIC), None)
+        if not self._secret or algorithm is None:
+            raise ValueError("minting needs an HS* algorithm and its secret")
         now = int(time.time())
         claims: dict[str, object] = {self.claims.user: sub, "iat": now}
         if tenant is not None:
@@ -163,7 +164,7 @@ class TokenVerifier:
             claims["iss"] = self.issuer
         if self.audience:
             claims["aud"] = self.audience
-        return jwt.encode(claims, self._secret, algorithm="HS256")
+        return jwt.encode(claims, self._secret, algorithm=algorithm)
 
 
 def identity_from_claims(claims: dict, default_tenant: str, names: ClaimNames = ClaimNames()) -> Identity:
