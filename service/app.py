@@ -29,19 +29,17 @@ from storage import (
     publication_key,
 )
 
-from . import frames
-from .authorizer import ChannelRefused
-from . import metrics
+from . import frames, metrics
 from .auth import AuthError, Identity, TokenVerifier, resolve_secret
-from .authorizer import JoinAuthorizer
+from .authorizer import ChannelRefused, JoinAuthorizer
 from .config import Settings, read_collection_mappings, read_config_file
-from .rules import ChannelRule, Rules, builtin_decision
+from .errors import HistoryLost, InvalidInput, LimitReached, NotFound
 from .hub import ChannelKey, Hub
 from .limits import Buckets
 from .logs import log_request
-from .presence import PresenceTracker
-from .errors import HistoryLost, InvalidInput, LimitReached, NotFound
 from .payload import check_data
+from .presence import PresenceTracker
+from .rules import ChannelRule, Rules, builtin_decision
 from .scheduler import Scheduler, deliver_at_problem
 from .watcher import Watcher
 
@@ -341,7 +339,7 @@ class Eddy:
             raise InvalidInput(f"limit must be between 1 and {MAX_SCHEDULED_PAGE}")
         after = parse_scheduled_cursor(cursor) if cursor is not None else None
         if channel is not None:
-            tenant, channel = await self.authorize_join(identity, channel)
+            channel = (await self.authorize_join(identity, channel))[1]
         read = await self.storage.scheduled(identity.tenant, channel, after=after, limit=limit)
         items = read if channel is not None else [i for i in read if await self.may_join(identity, i.draft.channel)]
         last = read[-1] if len(read) == limit else None

@@ -85,7 +85,7 @@ class Scheduler:
         for item in claimed:
             try:
                 drafts[item.id] = self._draft(item, published_at)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one item failing must not stop the batch
                 broken.append(self._failed(item.id, exc))
         # Appended together so a store that group-commits pays one write for the batch;
         # appends are queued in this order, so positions follow due order.

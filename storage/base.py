@@ -24,25 +24,25 @@ from typing import Any, Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 
 __all__ = [
+    "DEFAULT_HISTORY_SIZE",
+    "DEFAULT_HISTORY_TTL",
+    "EPHEMERAL_TTL",
     "BoundedCounts",
+    "CollectionFeed",
     "Event",
     "EventDraft",
+    "EventLog",
     "History",
     "PresenceEntry",
-    "ReadReceipt",
-    "ScheduledEvent",
-    "CollectionFeed",
-    "EventLog",
     "PresenceStore",
+    "ReadReceipt",
     "ReadReceiptStore",
+    "RecordRefused",
+    "ScheduledEvent",
     "Scheduling",
     "Storage",
     "StorageError",
     "StorageUnavailable",
-    "RecordRefused",
-    "DEFAULT_HISTORY_SIZE",
-    "DEFAULT_HISTORY_TTL",
-    "EPHEMERAL_TTL",
 ]
 
 #: Events kept per channel unless configured otherwise.
@@ -224,7 +224,7 @@ def parse_event_id(event_id: str | int) -> int:
     :data:`MAX_POSITION`, which no store can hold or compare.
     """
     if isinstance(event_id, bool) or not isinstance(event_id, (str, int)):
-        raise ValueError("an event id is a decimal string")
+        raise TypeError("an event id is a decimal string")
     if isinstance(event_id, str) and not (event_id.isascii() and event_id.isdigit() and len(event_id) <= 19):
         raise ValueError("an event id is a decimal string of at most 19 digits")
     position = int(event_id)

@@ -12,13 +12,13 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from .base import (
+    PARKED_OWNER,
+    PARKED_UNTIL,
     Event,
     EventDraft,
     History,
     PresenceEntry,
     ReadReceipt,
-    PARKED_OWNER,
-    PARKED_UNTIL,
     ScheduledEvent,
     Storage,
     StorageUnavailable,

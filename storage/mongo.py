@@ -58,10 +58,10 @@ from pymongo.write_concern import WriteConcern
 
 from .base import (
     EPHEMERAL_TTL,
-    Event,
-    EventDraft,
     PARKED_OWNER,
     PARKED_UNTIL,
+    Event,
+    EventDraft,
     History,
     PresenceEntry,
     ReadReceipt,

@@ -26,6 +26,8 @@ import orjson
 
 from .base import (
     EPHEMERAL_TTL,
+    PARKED_OWNER,
+    PARKED_UNTIL,
     BoundedCounts,
     Event,
     EventDraft,
@@ -33,8 +35,6 @@ from .base import (
     PresenceEntry,
     ReadReceipt,
     RecordRefused,
-    PARKED_OWNER,
-    PARKED_UNTIL,
     ScheduledEvent,
     Storage,
     StorageError,
@@ -327,7 +327,7 @@ class SQLiteStorage(Storage):
             result = operation(connection, now)
         except sqlite3.OperationalError:
             raise  # the store itself (locked, disk full, I/O): the whole batch fails
-        except Exception as exc:  # this record: unencodable data, too big, a constraint
+        except Exception as exc:  # noqa: BLE001 - this record: unencodable data, too big, a constraint
             connection.execute("ROLLBACK TO item")
             connection.execute("RELEASE item")
             return _Failed(exc if isinstance(exc, StorageError) else RecordRefused(f"cannot store this record: {exc}"))
