@@ -274,17 +274,20 @@ class Eddy:
                 del self._user_connections[key]
 
     async def publish(
-        self, identity: Identity, channel: str, event: str, data: Any, *, idempotency_key: str | None = None
+        self, identity: Identity, channel: str, event: str, data: Any, *, idempotency_key: str | None = None,
+        via: str = "http",
     ) -> Event:
-        """Store an event ``identity`` publishes over HTTP; the watcher broadcasts it.
+        """Store an event ``identity`` publishes over HTTP (or, with ``via="socket"``, from a socket, where only
+        a rule's ``publish`` list grants it); the watcher broadcasts it.
 
         The idempotency key is the caller's own (:func:`scoped_idempotency_key`): a retry returns the caller's
         first event, and nobody else's key can suppress or reveal it.
         """
-        tenant, channel = self.authorize_publish(identity, channel)
+        authorize = self.authorize_socket_publish if via == "socket" else self.authorize_publish
+        tenant, channel = authorize(identity, channel)
         stored = await self.append(tenant, channel, event, data,
                                    idempotency_key=scoped_idempotency_key(identity, idempotency_key))
-        metrics.EVENTS_PUBLISHED.labels("http").inc()
+        metrics.EVENTS_PUBLISHED.labels(via).inc()
         return stored
 
     async def append(self, tenant: str, channel: str, event: str, data: Any, *,

@@ -413,3 +413,23 @@ async def test_a_token_expiring_beyond_any_date_is_invalid_everywhere(http_serve
     far = make_token("alice", exp=253402300799)  # the last second of year 9999 still works
     assert (await client.request({"type": "authenticate", "ref": 3, "token": far}))["type"] == "ack"
     client.close()
+
+
+# The service API the session core (issue 13) publishes through: the socket's rules, keys scoped to the caller ------
+
+
+@pytest.mark.gen_test
+@pytest.mark.rules(RULES)
+async def test_socket_publishing_through_the_service_obeys_rules_and_scopes_keys(eddy):
+    from service.auth import Identity
+    from service.errors import ChannelRefused
+
+    ana, bia = Identity("ana", "acme", ("agent",)), Identity("bia", "acme", ("agent",))
+    first = await eddy.publish(ana, "desk:1", "m", {"n": 1}, idempotency_key="k", via="socket")
+    again = await eddy.publish(ana, "desk:1", "m", {"n": 2}, idempotency_key="k", via="socket")
+    theirs = await eddy.publish(bia, "desk:1", "m", {"n": 3}, idempotency_key="k", via="socket")
+    assert again.position == first.position and theirs.position != first.position and theirs.data == {"n": 3}
+    for identity, channel in ((Identity("eve", "acme"), "desk:1"), (ana, "orders"),
+                              (Identity("x", "acme", ("publisher",)), "user:ana")):
+        with pytest.raises(ChannelRefused):
+            await eddy.publish(identity, channel, "m", None, via="socket")
