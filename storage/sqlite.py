@@ -123,6 +123,10 @@ SWEEP_INTERVAL = 5.0
 FEED_BATCH = 1000
 
 
+class _RecordFailed(Exception):
+    """An operation of a batch failed on its own record: the batch is run again, each operation alone."""
+
+
 class _Failed:
     """The result of one operation of a batch that failed alone."""
 
@@ -261,9 +265,9 @@ class SQLiteStorage(Storage):
 
         Every write waiting when a transaction starts joins it, so with
         ``synchronous=FULL`` concurrent writers share one fsync instead of
-        paying one each. Each operation runs in its own savepoint: one that
-        raises is rolled back alone and fails alone (:class:`RecordRefused`
-        for its data), so one tenant's bad write never fails another's. Only
+        paying one each. An operation that fails on its record is rolled back
+        alone and fails alone (:class:`RecordRefused` for its data; see
+        :meth:`_run_batch`), so one tenant's bad write never fails another's. Only
         a fault of the store itself (the file cannot be locked, written or
         committed) fails the whole batch.
         """
@@ -302,13 +306,24 @@ class SQLiteStorage(Storage):
                     future.set_result(result)
 
     def _run_batch(self, operations: list[Callable[[sqlite3.Connection, float], Any]]) -> list[Any]:
+        """One transaction for the batch. When an operation fails on its record, the transaction is rolled back
+        and run again with each operation in its own savepoint, so only that operation fails: the common batch
+        pays for no savepoint, a batch with a bad record pays twice."""
+        try:
+            return self._run_transaction(operations, alone=False)
+        except _RecordFailed:
+            return self._run_transaction(operations, alone=True)
+
+    def _run_transaction(self, operations: list[Callable[[sqlite3.Connection, float], Any]], *,
+                         alone: bool) -> list[Any]:
         connection = self._writer
         assert connection is not None
         now = self.now()
+        run = self._run_alone if alone else self._run_together
         try:
             connection.execute("BEGIN IMMEDIATE")
             try:
-                results = [self._run_alone(connection, operation, now) for operation in operations]
+                results = [run(connection, operation, now) for operation in operations]
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
@@ -317,6 +332,17 @@ class SQLiteStorage(Storage):
             raise StorageUnavailable(f"sqlite write failed: {exc}") from exc
         self.transactions += 1
         return results
+
+    @staticmethod
+    def _run_together(connection: sqlite3.Connection, operation: Callable[[sqlite3.Connection, float], Any],
+                      now: float) -> Any:
+        """One operation of a batch, no savepoint: a failure on its record aborts the try (:class:`_RecordFailed`)."""
+        try:
+            return operation(connection, now)
+        except sqlite3.OperationalError:
+            raise  # the store itself (locked, disk full, I/O): the whole batch fails
+        except Exception as exc:  # noqa: BLE001 - this record: run the batch again, each write alone
+            raise _RecordFailed from exc
 
     @staticmethod
     def _run_alone(connection: sqlite3.Connection, operation: Callable[[sqlite3.Connection, float], Any],
