@@ -341,7 +341,7 @@ class SQLiteStorage(Storage):
             return operation(connection, now)
         except sqlite3.OperationalError:
             raise  # the store itself (locked, disk full, I/O): the whole batch fails
-        except Exception as exc:  # noqa: BLE001 - this record: run the batch again, each write alone
+        except Exception as exc:  # this record: run the batch again, each write alone
             raise _RecordFailed from exc
 
     @staticmethod
