@@ -344,7 +344,10 @@ class Eddy:
         if channel is not None:
             channel = (await self.authorize_join(identity, channel))[1]
         read = await self.storage.scheduled(identity.tenant, channel, after=after, limit=limit)
-        items = read if channel is not None else [i for i in read if await self.may_join(identity, i.draft.channel)]
+        items = read
+        if channel is None:
+            allowed = {name: await self.may_join(identity, name) for name in {i.draft.channel for i in read}}
+            items = [i for i in read if allowed[i.draft.channel]]
         last = read[-1] if len(read) == limit else None
         return ScheduledPage(items, f"{last.deliver_at!r}_{last.id}" if last is not None else None)
 
