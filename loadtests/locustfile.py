@@ -23,8 +23,9 @@ Users
     Against your own server, give large channels a rule with ``presence = false`` (as ``loadtest.py`` does),
     or every join is announced to every member.
 ``PublisherUser``
-    ``POST /api/events`` with a server credential (a token with the ``publisher`` role, as a backend holds)
-    at ``--eddy-publish-rate`` events/s (0: one per think time) round-robin over the channels; ``data`` carries the publisher id, a sequence number, the send time and padding up to
+    ``POST /api/events`` with a server credential (a token with the ``publisher`` role, as a backend
+    holds) at ``--eddy-publish-rate`` events/s (0: one per think time) round-robin over the channels;
+    ``data`` carries the publisher id, a sequence number, the send time and padding up to
     ``--eddy-event-size`` bytes. ``fixed_count`` is 1 (``EDDY_LT_PUBLISHERS``), so ``-u N+1`` is N
     subscribers and one publisher.
 

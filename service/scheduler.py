@@ -91,7 +91,7 @@ class Scheduler:
         # appends are queued in this order, so positions follow due order.
         results = await asyncio.gather(*(self.storage.append(d) for d in drafts.values()), return_exceptions=True)
         done = []
-        for scheduled_id, result in zip(drafts, results):
+        for scheduled_id, result in zip(drafts, results, strict=True):
             if isinstance(result, StorageUnavailable):
                 log.warning("scheduler: %s not published (%s); retried after its lease", scheduled_id, result)
             elif isinstance(result, BaseException):

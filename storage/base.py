@@ -396,7 +396,7 @@ class Scheduling(abc.ABC):
         """
 
 
-class CollectionFeed(abc.ABC):
+class CollectionFeed:
     """The application's own collections as events (``[[collections]]``): a change feed of data Eddy does not own.
 
     Optional: only a backend with a change feed of the application's data

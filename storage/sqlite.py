@@ -297,7 +297,7 @@ class SQLiteStorage(Storage):
                         future.set_exception(error)
                 continue
             self._wake_watchers()
-            for (_, future), result in zip(batch, results):
+            for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, _Failed):
