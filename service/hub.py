@@ -26,7 +26,7 @@ from .frames import PreparedMessage
 log = logging.getLogger("eddy.hub")
 
 ChannelKey = tuple[str, str]  # (tenant, channel)
-#: Channels whose fan-out the hub counts for /api/stats (the most recently active ones).
+#: Channels whose fan-out the hub counts for /api/stats at once.
 COUNTED_CHANNELS = 10_000
 
 
@@ -47,8 +47,9 @@ class Hub:
         self._connections: set[Subscriber] = set()
         self.events_published = 0
         self.deliveries = 0
-        #: Events fanned out per channel since start (for rates in /api/stats), for the most recently active
-        #: :data:`COUNTED_CHANNELS` channels: a flood of channel names cannot grow it without bound.
+        #: Events fanned out per channel since start (for rates in /api/stats), for at most
+        #: :data:`COUNTED_CHANNELS` channels (the oldest counted is forgotten first): a flood of channel
+        #: names cannot grow it without bound.
         self.channel_events: BoundedCounts[ChannelKey] = BoundedCounts(COUNTED_CHANNELS)
         #: Subscribers with frames waiting in their outbox, written at the end of this loop iteration.
         self._pending: list[Subscriber] = []

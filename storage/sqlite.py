@@ -115,7 +115,7 @@ ADDED_COLUMNS = {"events": {"meta": "BLOB"},
 
 #: Trim a channel by size after this many appends to it in this process.
 TRIM_EVERY = 100
-#: Channels whose appends this process counts for trimming at once (the least recent are trimmed and forgotten).
+#: Channels whose appends this process counts for trimming at once (the oldest counted is trimmed and forgotten).
 TRIMMED_CHANNELS = 10_000
 #: Seconds between sweeps for expired and ephemeral events.
 SWEEP_INTERVAL = 5.0
