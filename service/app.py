@@ -408,7 +408,8 @@ class Eddy:
         if epoch is not None and epoch != self.epoch:
             raise HistoryLost(f"those ids are from epoch {epoch[:32]!r}; the store was recreated "
                               f"(epoch {self.epoch!r}): reload without since")
-        if after > 0 and after > await self.storage.last_position():
+        # The watcher's position is never ahead of the store: only an id beyond it costs a store round trip.
+        if after > (self.watcher.position or 0) and after > await self.storage.last_position():
             raise HistoryLost("that id is ahead of this store, which was recreated: reload without since")
 
     async def readiness(self) -> dict[str, str]:
