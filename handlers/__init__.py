@@ -6,9 +6,36 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
+from tornado.http1connection import HTTP1Connection
+from tornado.httputil import HTTPConnection, HTTPMessageDelegate
 
 if TYPE_CHECKING:
     from service.app import Eddy
+
+
+class BoundedApplication(tornado.web.Application):
+    """The Tornado application with a body bound on every route, set before any byte of a request is read.
+
+    Tornado's defaults buffer bodies up to 100 MiB with no time limit on any
+    handler that does not stream its body. Here every request (HTTP API,
+    static files, the WebSocket and SSE handshakes) may carry at most
+    ``max_body_bytes`` and must deliver it within ``body_timeout`` seconds:
+    a larger body is answered ``400`` and the connection closed before it is
+    read, a slow one is closed. ``POST /api/events`` raises its own limit by
+    one byte to answer an oversize body with a ``413`` problem itself.
+    """
+
+    def __init__(self, *args: Any, max_body_bytes: int, body_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+
+    def start_request(self, server_conn: object, request_conn: HTTPConnection) -> HTTPMessageDelegate:
+        if isinstance(request_conn, HTTP1Connection):
+            request_conn.set_max_body_size(self.max_body_bytes)
+            if self.body_timeout > 0:
+                request_conn.set_body_timeout(self.body_timeout)
+        return super().start_request(server_conn, request_conn)
 
 
 def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import tornado.web
@@ -18,7 +19,9 @@ import tornado.web
 from service import frames, metrics
 from service.app import ChannelRefused, Eddy
 from service.auth import AuthError, Identity, token_from_request
-from storage import StorageUnavailable, parse_event_id
+from service.errors import HistoryLost, InvalidInput, LimitReached, NotFound, StorageUnavailable
+from service.scheduler import MAX_DELAY
+from service.stream import parse_event_id
 
 log = logging.getLogger("eddy.http")
 
@@ -28,8 +31,6 @@ MAX_HISTORY_LIMIT = 1000
 MAX_NAME_LENGTH = 200
 #: Seconds a development token lasts.
 DEV_TOKEN_TTL = 12 * 3600
-#: The furthest ahead an event may be scheduled (seconds).
-MAX_DELAY = 366 * 24 * 3600
 
 _CODE_FOR_STATUS = {
     400: "INVALID_BODY",
@@ -154,7 +155,11 @@ class EventsHandler(ApiHandler):
 
 
 class HistoryHandler(ApiHandler):
-    """``GET /api/channels/<channel>/events?after=&limit=``: the polling fallback."""
+    """``GET /api/channels/<channel>/events?after=&limit=&epoch=``: the polling fallback.
+
+    The answer names the store's ``epoch``; a client that polls sends it back with ``after``, and gets
+    ``410 HISTORY_LOST`` once the store has been recreated (its ids no longer mean anything).
+    """
 
     async def get(self, channel: str) -> None:
         identity = self.authenticate()
@@ -162,11 +167,11 @@ class HistoryHandler(ApiHandler):
         limit = self._int_argument("limit", 100, parse=int)
         if not 1 <= limit <= MAX_HISTORY_LIMIT:
             raise ApiError(400, "INVALID_PARAMETER", f"limit must be between 1 and {MAX_HISTORY_LIMIT}")
+        epoch = self.get_query_argument("epoch", None)
         with service_errors():
-            page = await self.eddy.history(identity, channel, after=after, limit=limit)
-        self.write_json(
-            {"channel": channel, "events": [frames.event_body(e) for e in page.events], "lost": page.lost}
-        )
+            page = await self.eddy.history(identity, channel, after=after, limit=limit, epoch=epoch)
+        self.write_json({"channel": channel, "epoch": self.eddy.epoch,
+                         "events": [frames.event_body(e) for e in page.events], "lost": page.lost})
 
     def _int_argument(self, name: str, default: int, *, parse) -> int:
         raw = self.get_query_argument(name, None)
@@ -179,28 +184,29 @@ class HistoryHandler(ApiHandler):
 
 
 class ScheduledHandler(ApiHandler):
-    """``GET /api/scheduled?channel=`` lists pending events; ``DELETE /api/scheduled/<id>`` cancels one."""
+    """``GET /api/scheduled?channel=&limit=&cursor=`` lists pending events a page at a time (``next`` is the cursor
+    of the following page); ``DELETE /api/scheduled/<id>`` cancels one. Both only on channels the caller may join."""
 
     async def get(self, scheduled_id: str | None = None) -> None:
         if scheduled_id:
             raise ApiError(405, "METHOD_NOT_ALLOWED", "GET /api/scheduled lists; DELETE cancels one")
         identity = self.authenticate()
         channel = self.get_query_argument("channel", None)
-        if channel is not None and not frames.is_valid_channel(channel):
-            raise ApiError(400, "INVALID_CHANNEL", frames.CHANNEL_RULE_TEXT)
-        with service_errors():
-            items = await self.eddy.storage.scheduled(identity.tenant, channel)
-        self.write_json({"scheduled": [scheduled_body(item) for item in items]})
+        limit = self.get_query_argument("limit", "100")
+        if not limit.isdigit():
+            raise ApiError(400, "INVALID_PARAMETER", "limit must be a positive integer")
+        with service_errors(invalid="INVALID_PARAMETER"):
+            page = await self.eddy.scheduled(identity, channel, cursor=self.get_query_argument("cursor", None),
+                                             limit=int(limit))
+        self.write_json({"scheduled": [scheduled_body(item) for item in page.items], "next": page.next})
 
     async def delete(self, scheduled_id: str | None = None) -> None:
         identity = self.authenticate()
         if not scheduled_id:
             raise ApiError(405, "METHOD_NOT_ALLOWED", "DELETE /api/scheduled/<id>")
         with service_errors():
-            removed = await self.eddy.storage.cancel_scheduled(identity.tenant, scheduled_id)
-        if removed is None:
-            raise ApiError(404, "NOT_FOUND", "no pending scheduled event with that id")
-        if removed is False:
+            removed = await self.eddy.cancel_scheduled(identity, scheduled_id)
+        if not removed:
             raise ApiError(409, "ALREADY_PUBLISHING", "the event is being published now; it cannot be cancelled")
         self.set_status(204)
         self.finish()
@@ -222,15 +228,13 @@ def scheduled_time(body: dict[str, Any]) -> float | None:
             raise ApiError(400, "INVALID_BODY", "deliver_at must be an ISO-8601 time") from None
         if moment.tzinfo is None:
             raise ApiError(400, "INVALID_BODY", "deliver_at needs a time zone (e.g. Z)")
-        if moment.timestamp() > time.time() + MAX_DELAY:
-            raise ApiError(400, "INVALID_BODY", "deliver_at is more than a year away")
-        return moment.timestamp()
+        return moment.timestamp()  # the service refuses a time too far from now
     return None
 
 
 def scheduled_body(item) -> dict[str, Any]:
     return {"id": item.id, "channel": item.draft.channel, "event": item.draft.event, "data": item.draft.data,
-            "deliver_at": frames.iso_timestamp(item.deliver_at), "created_at": frames.iso_timestamp(item.created_at)}
+            "deliver_at": frames.iso_timestamp_or_none(item.deliver_at), "created_at": frames.iso_timestamp(item.created_at)}
 
 
 class ReadsHandler(ApiHandler):
@@ -279,9 +283,11 @@ class DevTokenHandler(ApiHandler):
     only to a caller on this machine; anywhere else it does not exist (404).
     """
 
+    #: Headers a proxy adds: a request carrying one came from somewhere else, whatever its socket says.
+    FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host")
+
     def post(self) -> None:
-        remote = self.request.remote_ip or ""
-        if self.eddy.dev_secret_file is None or not ipaddress.ip_address(remote).is_loopback:
+        if self.eddy.dev_secret_file is None or not self._from_this_machine():
             raise ApiError(404, "NOT_FOUND", f"no endpoint at {self.request.path}")
         body = parse_object(self.request.body or b"{}")
         sub, tenant = body.get("sub", "dev"), body.get("tenant", "dev")
@@ -292,6 +298,36 @@ class DevTokenHandler(ApiHandler):
             raise ApiError(400, "INVALID_BODY", "sub and tenant are strings of 1-200 characters, roles a list")
         token = self.eddy.verifier.mint(sub, tenant=tenant, roles=roles, ttl=DEV_TOKEN_TTL)
         self.write_json({"token": token, "sub": sub, "tenant": tenant, "roles": roles, "expires_in": DEV_TOKEN_TTL})
+
+
+    def _from_this_machine(self) -> bool:
+        """A loopback socket, no forwarding header, and a loopback ``Host`` (and ``Origin``, when sent).
+
+        A reverse proxy on the same host connects from loopback too: its forwarding headers, or the public
+        name in ``Host``/``Origin``, give it away.
+        """
+        headers = self.request.headers
+        if any(name in headers for name in self.FORWARDING_HEADERS):
+            return False
+        origin = headers.get("Origin")
+        return (is_loopback_host(self.request.remote_ip or "") and is_loopback_host(headers.get("Host", ""), port=True)
+                and (origin is None or is_loopback_host(urlsplit(origin).netloc, port=True)))
+
+
+def is_loopback_host(value: str, *, port: bool = False) -> bool:
+    """Whether ``value`` (an address, or with ``port`` a ``host[:port]`` as in ``Host``) names this machine."""
+    host = value
+    if port:
+        try:
+            host = urlsplit(f"//{value}").hostname or ""
+        except ValueError:  # e.g. an unbalanced "[" in Host
+            return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class HealthHandler(ApiHandler):
@@ -307,14 +343,22 @@ class ReadyHandler(ApiHandler):
 
 
 @contextmanager
-def service_errors() -> Iterator[None]:
-    """Turn the service's refusals and storage outages into problem responses."""
+def service_errors(invalid: str = "INVALID_BODY") -> Iterator[None]:
+    """Turn the service's refusals and storage outages into problem responses (bad input: 400 ``invalid``)."""
     try:
         yield
     except ChannelRefused as exc:
         if exc.code == frames.AUTHORIZER_UNAVAILABLE:
             raise ApiError(503, exc.code, exc.message, {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         raise ApiError(400 if exc.code == frames.INVALID_CHANNEL else 403, exc.code, exc.message) from None
+    except InvalidInput as exc:
+        raise ApiError(400, invalid, exc.message) from None
+    except NotFound as exc:
+        raise ApiError(404, "NOT_FOUND", exc.message) from None
+    except HistoryLost as exc:
+        raise ApiError(410, frames.HISTORY_LOST, exc.message) from None
+    except LimitReached as exc:
+        raise ApiError(429, exc.code, exc.message) from None
     except StorageUnavailable as exc:
         log.warning("storage unavailable: %s", exc)
         raise ApiError(

@@ -23,8 +23,9 @@ Users
     Against your own server, give large channels a rule with ``presence = false`` (as ``loadtest.py`` does),
     or every join is announced to every member.
 ``PublisherUser``
-    ``POST /api/events`` at ``--eddy-publish-rate`` events/s (0: one per think time) round-robin over
-    the channels; ``data`` carries the publisher id, a sequence number, the send time and padding up to
+    ``POST /api/events`` with a server credential (a token with the ``publisher`` role, as a backend
+    holds) at ``--eddy-publish-rate`` events/s (0: one per think time) round-robin over the channels;
+    ``data`` carries the publisher id, a sequence number, the send time and padding up to
     ``--eddy-event-size`` bytes. ``fixed_count`` is 1 (``EDDY_LT_PUBLISHERS``), so ``-u N+1`` is N
     subscribers and one publisher.
 
@@ -134,12 +135,14 @@ def channel_names(environment) -> list[str]:
     return [f"{prefix}-{n}" for n in range(max(1, option(environment, "eddy_channels")))]
 
 
-def mint_token(environment, sub: str) -> str:
+def mint_token(environment, sub: str, roles: tuple[str, ...] = ()) -> str:
     secret = os.environ.get("EDDY_JWT_SECRET")
     if not secret:
         raise RuntimeError("EDDY_JWT_SECRET is not set: the users mint their tokens with the server's secret")
     now = int(time.time())
     claims = {"sub": sub, "tenant": option(environment, "eddy_tenant"), "iat": now, "exp": now + 24 * 3600}
+    if roles:
+        claims["roles"] = list(roles)
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
@@ -527,7 +530,7 @@ class PublisherUser(FastHttpUser):
         self.state = PublisherState(f"pub-{NODE}-{next(REGISTRY.numbers)}")
         REGISTRY.publishers.append(self.state)
         self.channels = channel_names(env)
-        self.token = mint_token(env, self.state.id)
+        self.token = mint_token(env, self.state.id, ("publisher",))  # a backend's credential (EDDY_PUBLISHER_ROLE)
         self.event_name = option(env, "eddy_event_name")
         self.size = option(env, "eddy_event_size")
         started = time.monotonic()

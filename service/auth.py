@@ -21,6 +21,8 @@ from storage import sqlite_file
 log = logging.getLogger("eddy.auth")
 
 SYMMETRIC = ("HS256", "HS384", "HS512")
+#: The latest ``exp`` accepted: 9999-12-31T23:59:59Z (later ones cannot be written as a date).
+MAX_EXPIRY = 253402300799
 ASYMMETRIC = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
 
 
@@ -147,9 +149,10 @@ class TokenVerifier:
         return self._public_key
 
     def mint(self, sub: str, *, tenant: str | None = None, roles: list[str] | None = None, ttl: float | None = 3600) -> str:
-        """Sign an HS256 token with this verifier's secret (``eddy token``, tests)."""
-        if not self._secret:
-            raise ValueError("minting needs the HS256 secret")
+        """Sign a token this verifier accepts, with its secret and first HS* algorithm (``eddy token``, tests)."""
+        algorithm = next((a for a in self.algorithms if a in SYMMETRIC), None)
+        if not self._secret or algorithm is None:
+            raise ValueError("minting needs an HS* algorithm and its secret")
         now = int(time.time())
         claims: dict[str, object] = {self.claims.user: sub, "iat": now}
         if tenant is not None:
@@ -162,7 +165,7 @@ class TokenVerifier:
             claims["iss"] = self.issuer
         if self.audience:
             claims["aud"] = self.audience
-        return jwt.encode(claims, self._secret, algorithm="HS256")
+        return jwt.encode(claims, self._secret, algorithm=algorithm)
 
 
 def identity_from_claims(claims: dict, default_tenant: str, names: ClaimNames = ClaimNames()) -> Identity:
@@ -182,6 +185,9 @@ def identity_from_claims(claims: dict, default_tenant: str, names: ClaimNames = 
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise AuthError("TOKEN_INVALID", f"the {names.roles} claim must be a list of strings")
     exp = claims.get("exp")
+    if exp is not None and not (isinstance(exp, (int, float)) and 0 <= exp <= MAX_EXPIRY):
+        # pyjwt accepts any number; a time no calendar holds would fail wherever it is shown or timed.
+        raise AuthError("TOKEN_INVALID", "invalid token: exp is not a time before the year 10000")
     return Identity(user_id=sub, tenant=tenant, roles=tuple(roles), expires_at=float(exp) if exp is not None else None)
 
 

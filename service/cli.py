@@ -18,7 +18,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.process
 
-from .auth import TokenVerifier, resolve_secret
+from .auth import SYMMETRIC, TokenVerifier, resolve_secret
 from .config import Settings, add_setting_flags
 from .logs import configure_logging, redacted_url
 
@@ -122,9 +122,20 @@ async def shutdown(eddy, server: tornado.httpserver.HTTPServer, timeout: float) 
 
 
 def token(args: argparse.Namespace) -> None:
-    settings = Settings.from_env(storage=args.storage)
+    """``eddy token``: a token the server configured by the same settings (file, environment) accepts.
+
+    The signer is the server's own verifier (:meth:`TokenVerifier.from_settings`), so the issuer, audience,
+    claim names and algorithm are the configured ones.
+    """
+    try:
+        settings = Settings.from_env(storage=args.storage, config=args.config)
+    except ValueError as exc:
+        sys.exit(f"eddy token: {exc}")
+    if not any(a.strip().upper() in SYMMETRIC for a in settings.jwt_algorithms.split(",")):
+        sys.exit("eddy token: the server accepts only RS*/ES*/PS* tokens (EDDY_JWT_ALGORITHMS); "
+                 "your identity provider signs those")
     secret, _ = resolve_secret(settings.jwt_secret, settings.secret_file, settings.storage, create=True)
-    verifier = TokenVerifier(secret, default_tenant=settings.default_tenant)
+    verifier = TokenVerifier.from_settings(settings, secret)
     print(verifier.mint(args.sub, tenant=args.tenant, roles=args.role, ttl=args.ttl or None))
 
 
@@ -237,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_parser.add_argument("--role", action="append", default=[], help="a role; repeat for several")
     token_parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (0 = never)")
     token_parser.add_argument("--storage", default=None, help="storage URL, to find the development secret")
+    token_parser.add_argument("--config", default=None, help="the server's TOML file (issuer, audience, claim names)")
 
     publish_parser = commands.add_parser("publish", help="publish an event over HTTP and print it as stored")
     publish_parser.add_argument("channel", help="channel name")

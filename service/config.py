@@ -62,6 +62,11 @@ class Settings:
         0.0, "Seconds a socket may stay unauthenticated waiting for an authenticate frame (0 = token required at the handshake)."
     )
     token_grace: float = setting(30.0, "Seconds after TOKEN_EXPIRED to send a fresh token before the socket is closed (4003).")
+    publisher_role: str = setting(
+        "publisher",
+        "Role of server credentials: a token holding it publishes over HTTP to any channel of its tenant, built-in "
+        "rooms included, whatever the rules' publish lists say (empty: no such role).",
+    )
     authorizer_timeout: float = setting(2.0, "Seconds to wait for a join authorizer's answer.")
     authorizer_cache_ttl: float = setting(30.0, "Seconds a join authorizer's answer is reused.")
 
@@ -100,7 +105,13 @@ class Settings:
     schedule_lease: float = setting(
         30.0, "Seconds a process holds the events it claimed; after that (it died) another process publishes them."
     )
-    max_body_bytes: int = setting(1 << 20, "Largest HTTP request body accepted (413 above).")
+    max_scheduled_per_tenant: int = setting(
+        10000, "Scheduled events one tenant may hold at once (429 TOO_MANY_SCHEDULED above)."
+    )
+    max_body_bytes: int = setting(
+        1 << 20, "Largest HTTP request body accepted on any route (413 on POST /api/events, 400 elsewhere)."
+    )
+    body_timeout: float = setting(10.0, "Seconds a client may take to send a request body on any route (0 = no limit).")
     allowed_origins: str = setting(
         "", "Comma-separated browser origins allowed to open sockets besides the same origin; * allows any."
     )

@@ -58,6 +58,14 @@ def iso_timestamp(seconds: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+def iso_timestamp_or_none(seconds: float) -> str | None:
+    """:func:`iso_timestamp`, or None for a time no calendar date holds (one stored before it was validated)."""
+    try:
+        return iso_timestamp(seconds)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 def event_body(event: Event) -> dict[str, Any]:
     """The ``event`` frame as a dict; HTTP answers use the same shape."""
     body = {

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from storage import Event
+from storage import BoundedCounts, Event
 
 from . import metrics
 from .frames import PROTOCOL_EVENT_PREFIX, PreparedMessage
@@ -26,6 +26,8 @@ from .frames import PROTOCOL_EVENT_PREFIX, PreparedMessage
 log = logging.getLogger("eddy.hub")
 
 ChannelKey = tuple[str, str]  # (tenant, channel)
+#: Channels whose fan-out the hub counts for /api/stats at once.
+COUNTED_CHANNELS = 10_000
 
 
 class Subscriber(Protocol):
@@ -49,8 +51,10 @@ class Hub:
         self._connections: set[Subscriber] = set()
         self.events_published = 0
         self.deliveries = 0
-        #: Events fanned out per channel since start (for rates in /api/stats).
-        self.channel_events: dict[ChannelKey, int] = {}
+        #: Events fanned out per channel since start (for rates in /api/stats), for at most
+        #: :data:`COUNTED_CHANNELS` channels (the oldest counted is forgotten first): a flood of channel
+        #: names cannot grow it without bound.
+        self.channel_events: BoundedCounts[ChannelKey] = BoundedCounts(COUNTED_CHANNELS)
         #: Subscribers with frames waiting in their outbox, written at the end of this loop iteration.
         self._pending: list[Subscriber] = []
 
@@ -150,8 +154,7 @@ class Hub:
         """Deliver ``event`` to every local subscriber of its channel; returns how many."""
         self.events_published += 1
         if not event.event.startswith(PROTOCOL_EVENT_PREFIX):  # typing, reads, presence are not the channel's events
-            key = (event.tenant, event.channel)
-            self.channel_events[key] = self.channel_events.get(key, 0) + 1
+            self.channel_events.add((event.tenant, event.channel))
         members = self._channels.get((event.tenant, event.channel))
         if not members:
             return 0

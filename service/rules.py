@@ -19,7 +19,9 @@ that matches none is refused.
 
 from __future__ import annotations
 
+import base64
 import fnmatch
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,11 +67,44 @@ class ChannelRule:
         return grants(self.publish, identity, channel)
 
 
+#: What a user id or role may be made of to appear as it is in its room's name (the channel charset).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.:@-]+")
+#: Starts every escaped name; a plain name never starts with it.
+ESCAPE = "@"
+
+
+def room_part(name: str, prefix: str = "user:") -> str:
+    """How a user id (or role) appears after ``user:`` (``role:``) in its room's name: the one mapping every
+    transport uses, so a socket, REST and SSE name the same room.
+
+    A name of channel characters (A-Z a-z 0-9 _ . : @ -) not starting with ``@`` appears as it is. Any other
+    (``auth0|abc``, ``José``) appears as ``@`` and its UTF-8 in lowercase unpadded base32; one too long for a
+    channel name as ``@@`` and the hex SHA-256 of its UTF-8. Escaped names start with ``@``, plain ones never
+    do, and base32 never holds ``@``: different names never share a room.
+    """
+    if _PLAIN_NAME.fullmatch(name) and not name.startswith(ESCAPE) and len(prefix) + len(name) <= 200:
+        return name
+    encoded = base64.b32encode(name.encode()).decode().rstrip("=").lower()
+    if len(prefix) + 1 + len(encoded) <= 200:
+        return ESCAPE + encoded
+    return ESCAPE * 2 + hashlib.sha256(name.encode()).hexdigest()
+
+
+def user_room(user_id: str) -> str:
+    """The channel of one user's own room (``user:<id>``, escaped as :func:`room_part` says)."""
+    return "user:" + room_part(user_id)
+
+
+def role_room(role: str) -> str:
+    """The channel of one role's room (``role:<name>``, escaped as :func:`room_part` says)."""
+    return "role:" + room_part(role, "role:")
+
+
 def grants(who: tuple[str, ...], identity: Identity, channel: str) -> bool:
     for word in who:
         if word == "tenant":
             return True
-        if word == "self" and channel == f"user:{identity.user_id}":
+        if word == "self" and channel == user_room(identity.user_id):
             return True
         if word.startswith("role:") and word[5:] in identity.roles:
             return True
@@ -79,9 +114,9 @@ def grants(who: tuple[str, ...], identity: Identity, channel: str) -> bool:
 def builtin_decision(identity: Identity, channel: str) -> bool | None:
     """True/False for built-in rooms, None for every other channel."""
     if channel.startswith("user:"):
-        return channel == f"user:{identity.user_id}"
+        return channel == user_room(identity.user_id)
     if channel.startswith("role:"):
-        return channel[5:] in identity.roles
+        return any(channel == role_room(role) for role in identity.roles)
     if channel == "tenant":
         return True
     return None
@@ -89,7 +124,7 @@ def builtin_decision(identity: Identity, channel: str) -> bool | None:
 
 def automatic_rooms(identity: Identity) -> list[str]:
     """The rooms every connection of ``identity`` joins on connect."""
-    return [f"user:{identity.user_id}", "tenant", *(f"role:{role}" for role in identity.roles)]
+    return [user_room(identity.user_id), "tenant", *(role_room(role) for role in identity.roles)]
 
 
 class Rules:

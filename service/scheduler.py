@@ -9,6 +9,13 @@ commits. A process that dies after
 claiming leaves the claim to expire; another process then claims the event
 again, and the idempotency key makes a second append return the first event
 instead of storing a duplicate. So every due event is published exactly once.
+
+One bad item never stops the scheduler: an event that cannot be published
+(its time cannot be written, the store refuses its data) is logged and
+*parked* (:meth:`storage.Scheduling.park_scheduled`): it is never claimed
+again, stays listed and can be cancelled, while the rest carry on. A fault of
+the store itself is retried with backoff; ``/readyz`` reports a scheduler
+whose task has ended.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import os
 import time
 import uuid
 
-from storage import ScheduledEvent, Storage, StorageError, publication_key
+from storage import EventDraft, ScheduledEvent, Storage, StorageError, StorageUnavailable, publication_key
 
 from .frames import iso_timestamp
 
@@ -28,6 +35,15 @@ log = logging.getLogger("eddy.scheduler")
 
 #: Seconds after its time a scheduled event counts as late.
 LATE_AFTER = 1.0
+#: The furthest from now (ahead, or behind for a time already past) an event may be scheduled, in seconds.
+MAX_DELAY = 366 * 24 * 3600
+
+
+def deliver_at_problem(deliver_at: float, now: float) -> str | None:
+    """Why ``deliver_at`` cannot be scheduled, or None. Every store and every timestamp format holds the range."""
+    if not now - MAX_DELAY <= deliver_at <= now + MAX_DELAY:  # also refuses NaN
+        return "the delivery time must be within a year of now"
+    return None
 
 
 class Scheduler:
@@ -43,6 +59,11 @@ class Scheduler:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="eddy-scheduler")
 
+    @property
+    def running(self) -> bool:
+        """True while the scheduling task is alive (``/readyz`` reports it)."""
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -50,20 +71,48 @@ class Scheduler:
             self._task = None
 
     async def publish_due(self) -> int:
-        """Claim and publish one batch of due events; returns how many."""
+        """Claim and publish one batch of due events; returns how many were claimed.
+
+        Each item succeeds or fails alone: one the store is momentarily unable
+        to write stays claimed and is retried when its lease runs out; one that
+        can never be published is parked.
+        """
         now = time.time()
         claimed = await self.storage.claim_due(self.owner, now, self.lease, self.batch)
+        published_at = time.time()
+        drafts: dict[str, EventDraft] = {}
+        broken: list[str] = []
+        for item in claimed:
+            try:
+                drafts[item.id] = self._draft(item, published_at)
+            except Exception as exc:  # noqa: BLE001 - one item failing must not stop the batch
+                broken.append(self._failed(item.id, exc))
         # Appended together so a store that group-commits pays one write for the batch;
         # appends are queued in this order, so positions follow due order.
-        published_at = time.time()
-        await asyncio.gather(*(self.storage.append(self._draft(item, published_at)) for item in claimed))
-        self.published += len(claimed)
-        if claimed:
-            await self.storage.complete_scheduled([item.id for item in claimed])
+        results = await asyncio.gather(*(self.storage.append(d) for d in drafts.values()), return_exceptions=True)
+        done = []
+        for scheduled_id, result in zip(drafts, results, strict=True):
+            if isinstance(result, StorageUnavailable):
+                log.warning("scheduler: %s not published (%s); retried after its lease", scheduled_id, result)
+            elif isinstance(result, BaseException):
+                broken.append(self._failed(scheduled_id, result))
+            else:
+                done.append(scheduled_id)
+        if broken:
+            await self.storage.park_scheduled(broken)
+        if done:
+            await self.storage.complete_scheduled(done)
+        self.published += len(done)
         return len(claimed)
 
     @staticmethod
-    def _draft(item: ScheduledEvent, now: float):
+    def _failed(scheduled_id: str, exc: BaseException) -> str:
+        log.error("scheduler: parking scheduled event %s, which cannot be published: %s: %s",
+                  scheduled_id, type(exc).__name__, exc)
+        return scheduled_id
+
+    @staticmethod
+    def _draft(item: ScheduledEvent, now: float) -> EventDraft:
         late_by = max(0.0, now - item.deliver_at)
         meta = {"scheduled_for": iso_timestamp(item.deliver_at), "late": late_by > LATE_AFTER,
                 "late_ms": int(late_by * 1000)}
@@ -79,5 +128,8 @@ class Scheduler:
                     continue  # more are due: no sleep
             except StorageError as exc:
                 log.warning("scheduler: storage unavailable (%s); retrying in %.1fs", exc, backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:  # a bug must not stop scheduled delivery for every tenant
+                log.exception("scheduler: unexpected error; retrying in %.1fs", backoff)
                 backoff = min(backoff * 2, 5.0)
             await asyncio.sleep(backoff)

@@ -19,12 +19,20 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .base import (
+    MAX_POSITION,
+    BoundedCounts,
+    CollectionFeed,
     Event,
     EventDraft,
+    EventLog,
     History,
     PresenceEntry,
+    PresenceStore,
     ReadReceipt,
+    ReadReceiptStore,
+    RecordRefused,
     ScheduledEvent,
+    Scheduling,
     Storage,
     StorageError,
     StorageUnavailable,
@@ -33,12 +41,20 @@ from .base import (
 )
 
 __all__ = [
+    "MAX_POSITION",
+    "BoundedCounts",
+    "CollectionFeed",
     "Event",
     "EventDraft",
+    "EventLog",
     "History",
     "PresenceEntry",
+    "PresenceStore",
     "ReadReceipt",
+    "ReadReceiptStore",
+    "RecordRefused",
     "ScheduledEvent",
+    "Scheduling",
     "Storage",
     "StorageError",
     "StorageUnavailable",

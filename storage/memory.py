@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from .base import (
+    PARKED_OWNER,
+    PARKED_UNTIL,
     Event,
     EventDraft,
     History,
@@ -20,6 +22,8 @@ from .base import (
     ScheduledEvent,
     Storage,
     StorageUnavailable,
+    claim_blocks_cancel,
+    new_epoch,
     publication_key,
     scheduled_id_for,
 )
@@ -42,6 +46,8 @@ class MemoryStorage(Storage):
         #: id -> (scheduled event, owner of the claim, claim expiry)
         self._scheduled: dict[str, tuple[ScheduledEvent, str | None, float]] = {}
         self._changed = asyncio.Condition()
+        #: Nothing survives this object, so every instance is a new store.
+        self._epoch = new_epoch()
         self._open = False
 
     async def open(self) -> None:
@@ -107,6 +113,9 @@ class MemoryStorage(Storage):
         self._check_open()
         return self._position
 
+    async def epoch(self) -> str:
+        return self._epoch
+
     async def watch(self, after: int) -> AsyncIterator[Event]:
         self._check_open()
         while self._open:
@@ -157,19 +166,30 @@ class MemoryStorage(Storage):
         self._scheduled[item.id] = (item, None, 0.0)
         return item
 
-    async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
+    async def scheduled(self, tenant: str, channel: str | None = None, *,
+                        after: tuple[float, str] | None = None, limit: int | None = None) -> list[ScheduledEvent]:
         self._check_open()
         items = [i for i, _, _ in self._scheduled.values()
                  if i.draft.tenant == tenant and (channel is None or i.draft.channel == channel)
+                 and (after is None or (i.deliver_at, i.id) > after)
                  and (tenant, publication_key(i.id)) not in self._keys]
-        return sorted(items, key=lambda i: (i.deliver_at, i.id))
+        return sorted(items, key=lambda i: (i.deliver_at, i.id))[:limit]
+
+    async def get_scheduled(self, tenant: str, scheduled_id: str) -> ScheduledEvent | None:
+        self._check_open()
+        entry = self._scheduled.get(scheduled_id)
+        return entry[0] if entry is not None and entry[0].draft.tenant == tenant else None
+
+    async def count_scheduled(self, tenant: str) -> int:
+        self._check_open()
+        return sum(1 for i, _, _ in self._scheduled.values() if i.draft.tenant == tenant)
 
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
         self._check_open()
         entry = self._scheduled.get(scheduled_id)
         if entry is None or entry[0].draft.tenant != tenant:
             return None
-        if entry[1] is not None and entry[2] > self.now():
+        if entry[1] is not None and claim_blocks_cancel(entry[2], self.now()):
             return False
         del self._scheduled[scheduled_id]
         return True
@@ -187,6 +207,12 @@ class MemoryStorage(Storage):
         self._check_open()
         for scheduled_id in scheduled_ids:
             self._scheduled.pop(scheduled_id, None)
+
+    async def park_scheduled(self, scheduled_ids: list[str]) -> None:
+        self._check_open()
+        for scheduled_id in scheduled_ids:
+            if scheduled_id in self._scheduled:
+                self._scheduled[scheduled_id] = (self._scheduled[scheduled_id][0], PARKED_OWNER, PARKED_UNTIL)
 
     def _feed_after(self, after: int) -> list[Event]:
         # Positions in the feed are consecutive, so the start is arithmetic and

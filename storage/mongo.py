@@ -58,6 +58,8 @@ from pymongo.write_concern import WriteConcern
 
 from .base import (
     EPHEMERAL_TTL,
+    PARKED_OWNER,
+    PARKED_UNTIL,
     Event,
     EventDraft,
     History,
@@ -67,6 +69,7 @@ from .base import (
     Storage,
     StorageError,
     StorageUnavailable,
+    new_epoch,
     publication_key,
     scheduled_id_for,
 )
@@ -87,6 +90,7 @@ TTL_BACKSTOP = 3600.0
 #: Options of ours in the URL, removed before the driver sees it.
 OWN_OPTIONS = {"eddy_prefix", "max_await_ms", "transaction_timeout"}
 _COUNTER_ID = "events"
+_EPOCH_ID = "epoch"
 
 
 @contextmanager
@@ -144,7 +148,8 @@ def _to_event(document: dict[str, Any]) -> Event:
 
 def _to_scheduled(document: dict[str, Any]) -> ScheduledEvent:
     draft = EventDraft(document["tenant"], document["channel"], document["event"], _load_data(document),
-                       idempotency_key=document.get("idempotency_key"))
+                       idempotency_key=document.get("idempotency_key"), ephemeral=document.get("ephemeral", False),
+                       meta=document.get("meta"))
     return ScheduledEvent(document["_id"], draft, document["deliver_at"], document["created_at"])
 
 
@@ -172,6 +177,7 @@ class MongoStorage(Storage):
         self._appends_since_trim: dict[tuple[str, str], int] = {}
         #: (position, resume token) where the last watch stopped: a new watch from there resumes the stream.
         self._resume: tuple[int, Any] | None = None
+        self._epoch: str | None = None
 
     # Lifecycle -------------------------------------------------------------
 
@@ -405,6 +411,16 @@ class MongoStorage(Storage):
         counter = await self._call(self.counters.find_one({"_id": _COUNTER_ID}))
         return int(counter["seq"]) if counter else 0
 
+    async def epoch(self) -> str:
+        """Kept beside the position counter, written by whichever process asks first: fresh collections, new epoch."""
+        if self._epoch is None:
+            self._check_open()
+            document = await self._call(self.counters.find_one_and_update(
+                {"_id": _EPOCH_ID}, {"$setOnInsert": {"value": new_epoch()}}, upsert=True,
+                return_document=ReturnDocument.AFTER))
+            self._epoch = str(document["value"])
+        return self._epoch
+
     async def _events_between(self, after: int, before: int | None = None) -> list[Event]:
         bounds: dict[str, int] = {"$gt": after}
         if before is not None:
@@ -515,6 +531,10 @@ class MongoStorage(Storage):
         _store_data(document, draft.data)
         if draft.idempotency_key is not None:
             document["idempotency_key"] = draft.idempotency_key
+        if draft.ephemeral:
+            document["ephemeral"] = True
+        if draft.meta is not None:
+            document["meta"] = draft.meta
         try:
             await self.schedule_entries.insert_one(document)
         except DuplicateKeyError:
@@ -524,13 +544,16 @@ class MongoStorage(Storage):
             raise StorageUnavailable(f"MongoDB write failed: {exc}") from exc
         return item
 
-    async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
+    async def scheduled(self, tenant: str, channel: str | None = None, *,
+                        after: tuple[float, str] | None = None, limit: int | None = None) -> list[ScheduledEvent]:
         self._check_open()
         query: dict[str, Any] = {"tenant": tenant}
         if channel is not None:
             query["channel"] = channel
+        if after is not None:
+            query["$or"] = [{"deliver_at": {"$gt": after[0]}}, {"deliver_at": after[0], "_id": {"$gt": after[1]}}]
         documents = await self._call(self.schedule_entries.find(query).sort([("deliver_at", 1), ("_id", 1)])
-                                     .to_list(None))
+                                     .limit(limit or 0).to_list(None))
         items = [_to_scheduled(d) for d in documents]
         if not items:
             return []
@@ -539,11 +562,21 @@ class MongoStorage(Storage):
             "idempotency_key", {"tenant": tenant, "idempotency_key": {"$in": keys}})))
         return [i for i in items if publication_key(i.id) not in published]
 
+    async def get_scheduled(self, tenant: str, scheduled_id: str) -> ScheduledEvent | None:
+        self._check_open()
+        document = await self._call(self.schedule_entries.find_one({"_id": scheduled_id, "tenant": tenant}))
+        return _to_scheduled(document) if document is not None else None
+
+    async def count_scheduled(self, tenant: str) -> int:
+        self._check_open()
+        return await self._call(self.schedule_entries.count_documents({"tenant": tenant}))
+
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
         self._check_open()
         now = self.now()
         deleted = await self._call(self.schedule_entries.delete_one(
-            {"_id": scheduled_id, "tenant": tenant, "claimed_until": {"$lte": now}}))
+            {"_id": scheduled_id, "tenant": tenant,
+             "$or": [{"claimed_until": {"$lte": now}}, {"claimed_until": PARKED_UNTIL}]}))
         if deleted.deleted_count:
             return True
         exists = await self._call(self.schedule_entries.find_one({"_id": scheduled_id, "tenant": tenant}))
@@ -567,6 +600,12 @@ class MongoStorage(Storage):
         self._check_open()
         if scheduled_ids:
             await self._call(self.schedule_entries.delete_many({"_id": {"$in": scheduled_ids}}))
+
+    async def park_scheduled(self, scheduled_ids: list[str]) -> None:
+        self._check_open()
+        if scheduled_ids:
+            await self._call(self.schedule_entries.update_many(
+                {"_id": {"$in": scheduled_ids}}, {"$set": {"owner": PARKED_OWNER, "claimed_until": PARKED_UNTIL}}))
 
     # Application collections -------------------------------------------------
 

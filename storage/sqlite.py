@@ -26,15 +26,21 @@ import orjson
 from . import sqlite_file
 from .base import (
     EPHEMERAL_TTL,
+    PARKED_OWNER,
+    PARKED_UNTIL,
+    BoundedCounts,
     Event,
     EventDraft,
     History,
     PresenceEntry,
     ReadReceipt,
+    RecordRefused,
     ScheduledEvent,
     Storage,
     StorageError,
     StorageUnavailable,
+    claim_blocks_cancel,
+    new_epoch,
     publication_key,
     scheduled_id_for,
 )
@@ -83,10 +89,16 @@ CREATE TABLE IF NOT EXISTS scheduled (
     deliver_at REAL NOT NULL,
     created_at REAL NOT NULL,
     claimed_by TEXT,
-    claimed_until REAL NOT NULL DEFAULT 0
+    claimed_until REAL NOT NULL DEFAULT 0,
+    ephemeral INTEGER NOT NULL DEFAULT 0,
+    meta BLOB
 );
 CREATE INDEX IF NOT EXISTS scheduled_by_due ON scheduled (deliver_at);
 CREATE INDEX IF NOT EXISTS scheduled_by_tenant ON scheduled (tenant, channel, deliver_at);
+CREATE TABLE IF NOT EXISTS store (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS trimmed (
     tenant TEXT NOT NULL,
     channel TEXT NOT NULL,
@@ -96,14 +108,32 @@ CREATE TABLE IF NOT EXISTS trimmed (
 """
 
 COLUMNS = "position, tenant, channel, event, data, timestamp, ephemeral, idempotency_key, meta"
-SCHEDULED_COLUMNS = "id, tenant, channel, event, data, idempotency_key, deliver_at, created_at"
+SCHEDULED_COLUMNS = "id, tenant, channel, event, data, idempotency_key, deliver_at, created_at, ephemeral, meta"
+#: Columns added since the first release, with their definitions, per table: added to older files at open.
+ADDED_COLUMNS = {"events": {"meta": "BLOB"},
+                 "scheduled": {"ephemeral": "INTEGER NOT NULL DEFAULT 0", "meta": "BLOB"}}
 
 #: Trim a channel by size after this many appends to it in this process.
 TRIM_EVERY = 100
+#: Channels whose appends this process counts for trimming at once (the oldest counted is trimmed and forgotten).
+TRIMMED_CHANNELS = 10_000
 #: Seconds between sweeps for expired and ephemeral events.
 SWEEP_INTERVAL = 5.0
 #: Rows a feed read returns at once.
 FEED_BATCH = 1000
+
+
+class _RecordFailed(Exception):
+    """An operation of a batch failed on its own record: the batch is run again, each operation alone."""
+
+
+class _Failed:
+    """The result of one operation of a batch that failed alone."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 def _row_to_event(row: tuple) -> Event:
@@ -113,8 +143,9 @@ def _row_to_event(row: tuple) -> Event:
 
 
 def _row_to_scheduled(row: tuple) -> ScheduledEvent:
-    scheduled_id, tenant, channel, event, data, key, deliver_at, created_at = row
-    draft = EventDraft(tenant, channel, event, orjson.loads(data), idempotency_key=key)
+    scheduled_id, tenant, channel, event, data, key, deliver_at, created_at, ephemeral, meta = row
+    draft = EventDraft(tenant, channel, event, orjson.loads(data), idempotency_key=key, ephemeral=bool(ephemeral),
+                       meta=orjson.loads(meta) if meta is not None else None)
     return ScheduledEvent(scheduled_id, draft, deliver_at, created_at)
 
 
@@ -140,7 +171,8 @@ class SQLiteStorage(Storage):
         self._tasks: list[asyncio.Task[None]] = []
         #: One event per running watcher, set after every local commit.
         self._wakeups: set[asyncio.Event] = set()
-        self._appends_since_trim: dict[tuple[str, str], int] = {}
+        self._appends_since_trim: BoundedCounts[tuple[str, str]] = BoundedCounts(TRIMMED_CHANNELS)
+        self._epoch: str | None = None
         self._closed = True
 
     # Lifecycle -------------------------------------------------------------
@@ -177,9 +209,13 @@ class SQLiteStorage(Storage):
                 try:
                     connection.execute("PRAGMA journal_mode = WAL")
                     connection.executescript(SCHEMA)
-                    columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
-                    if "meta" not in columns:  # a file made before scheduled events existed
-                        connection.execute("ALTER TABLE events ADD COLUMN meta BLOB")
+                    for table, added in ADDED_COLUMNS.items():  # a file made by an older release
+                        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+                        for column, definition in added.items():
+                            if column not in columns:
+                                connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                    connection.execute("INSERT OR IGNORE INTO store (name, value) VALUES ('epoch', ?)",
+                                       (new_epoch(),))
                     break
                 except sqlite3.OperationalError as exc:
                     if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -230,7 +266,11 @@ class SQLiteStorage(Storage):
 
         Every write waiting when a transaction starts joins it, so with
         ``synchronous=FULL`` concurrent writers share one fsync instead of
-        paying one each. A failing batch fails every operation in it.
+        paying one each. An operation that fails on its record is rolled back
+        alone and fails alone (:class:`RecordRefused` for its data; see
+        :meth:`_run_batch`), so one tenant's bad write never fails another's. Only
+        a fault of the store itself (the file cannot be locked, written or
+        committed) fails the whole batch.
         """
         self._check_open()
         assert self._queue is not None
@@ -258,18 +298,33 @@ class SQLiteStorage(Storage):
                         future.set_exception(error)
                 continue
             self._wake_watchers()
-            for (_, future), result in zip(batch, results):
-                if not future.done():
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, _Failed):
+                    future.set_exception(result.error)
+                else:
                     future.set_result(result)
 
     def _run_batch(self, operations: list[Callable[[sqlite3.Connection, float], Any]]) -> list[Any]:
+        """One transaction for the batch. When an operation fails on its record, the transaction is rolled back
+        and run again with each operation in its own savepoint, so only that operation fails: the common batch
+        pays for no savepoint, a batch with a bad record pays twice."""
+        try:
+            return self._run_transaction(operations, alone=False)
+        except _RecordFailed:
+            return self._run_transaction(operations, alone=True)
+
+    def _run_transaction(self, operations: list[Callable[[sqlite3.Connection, float], Any]], *,
+                         alone: bool) -> list[Any]:
         connection = self._writer
         assert connection is not None
         now = self.now()
+        run = self._run_alone if alone else self._run_together
         try:
             connection.execute("BEGIN IMMEDIATE")
             try:
-                results = [operation(connection, now) for operation in operations]
+                results = [run(connection, operation, now) for operation in operations]
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
@@ -278,6 +333,33 @@ class SQLiteStorage(Storage):
             raise StorageUnavailable(f"sqlite write failed: {exc}") from exc
         self.transactions += 1
         return results
+
+    @staticmethod
+    def _run_together(connection: sqlite3.Connection, operation: Callable[[sqlite3.Connection, float], Any],
+                      now: float) -> Any:
+        """One operation of a batch, no savepoint: a failure on its record aborts the try (:class:`_RecordFailed`)."""
+        try:
+            return operation(connection, now)
+        except sqlite3.OperationalError:
+            raise  # the store itself (locked, disk full, I/O): the whole batch fails
+        except Exception as exc:  # this record: run the batch again, each write alone
+            raise _RecordFailed from exc
+
+    @staticmethod
+    def _run_alone(connection: sqlite3.Connection, operation: Callable[[sqlite3.Connection, float], Any],
+                   now: float) -> Any:
+        """One operation of a batch inside a savepoint; what it cannot store is undone and reported alone."""
+        connection.execute("SAVEPOINT item")
+        try:
+            result = operation(connection, now)
+        except sqlite3.OperationalError:
+            raise  # the store itself (locked, disk full, I/O): the whole batch fails
+        except Exception as exc:  # noqa: BLE001 - this record: unencodable data, too big, a constraint
+            connection.execute("ROLLBACK TO item")
+            connection.execute("RELEASE item")
+            return _Failed(exc if isinstance(exc, StorageError) else RecordRefused(f"cannot store this record: {exc}"))
+        connection.execute("RELEASE item")
+        return result
 
     async def ping(self) -> None:
         """Answers only when the file can be read *and* written now (another process may hold the write lock)."""
@@ -311,14 +393,22 @@ class SQLiteStorage(Storage):
     # Trimming ----------------------------------------------------------------
 
     def _count_for_trim(self, event: Event) -> None:
-        """Every few appends to a channel, trim it to ``history_size`` (in a later transaction)."""
+        """Every few appends to a channel, trim it to ``history_size`` (in a later transaction).
+
+        The counters are bounded (:data:`TRIMMED_CHANNELS`): a channel whose counter is forgotten to make room
+        is trimmed then, so no channel escapes its size bound however many channels there are.
+        """
         key = (event.tenant, event.channel)
-        count = self._appends_since_trim.get(key, 0) + 1
+        count, forgotten = self._appends_since_trim.add(key)
         if count >= min(TRIM_EVERY, self.history_size):
-            count = 0
-            trim = asyncio.ensure_future(self._submit(lambda connection, now: self._trim_channel(connection, *key)))
-            trim.add_done_callback(lambda f: f.cancelled() or f.exception())  # best effort; the sweep retries
-        self._appends_since_trim[key] = count
+            self._appends_since_trim.set(key, 0)
+            self._trim_soon(key)
+        if forgotten is not None:
+            self._trim_soon(forgotten)
+
+    def _trim_soon(self, key: tuple[str, str]) -> None:
+        trim = asyncio.ensure_future(self._submit(lambda connection, now: self._trim_channel(connection, *key)))
+        trim.add_done_callback(lambda f: f.cancelled() or f.exception())  # best effort; the sweep retries
 
     def _trim_channel(self, connection: sqlite3.Connection, tenant: str, channel: str) -> None:
         """Keep the newest ``history_size`` events of one channel."""
@@ -411,25 +501,40 @@ class SQLiteStorage(Storage):
 
         def insert(connection: sqlite3.Connection) -> ScheduledEvent:
             connection.execute(
-                f"INSERT OR IGNORE INTO scheduled ({SCHEDULED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR IGNORE INTO scheduled ({SCHEDULED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (item.id, draft.tenant, draft.channel, draft.event, orjson.dumps(draft.data), draft.idempotency_key,
-                 deliver_at, item.created_at),
+                 deliver_at, item.created_at, int(draft.ephemeral),
+                 orjson.dumps(draft.meta) if draft.meta is not None else None),
             )
             row = connection.execute(f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE id = ?", (item.id,)).fetchone()
             return _row_to_scheduled(row) if row is not None else item  # None: published meanwhile
 
         return await self._transaction(insert)
 
-    async def scheduled(self, tenant: str, channel: str | None = None) -> list[ScheduledEvent]:
+    async def scheduled(self, tenant: str, channel: str | None = None, *,
+                        after: tuple[float, str] | None = None, limit: int | None = None) -> list[ScheduledEvent]:
         self._check_open()
         where, parameters = ("tenant = ?", (tenant,)) if channel is None else \
             ("tenant = ? AND channel = ?", (tenant, channel))
+        if after is not None:
+            where, parameters = f"{where} AND (deliver_at, id) > (?, ?)", (*parameters, *after)
         rows = await self._read(
             self._query,
             f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE {where} AND NOT EXISTS (SELECT 1 FROM events"
             " WHERE events.tenant = scheduled.tenant AND events.idempotency_key = ? || scheduled.id)"
-            " ORDER BY deliver_at, id", (*parameters, publication_key("")))
+            " ORDER BY deliver_at, id LIMIT ?", (*parameters, publication_key(""), -1 if limit is None else limit))
         return [_row_to_scheduled(row) for row in rows]
+
+    async def get_scheduled(self, tenant: str, scheduled_id: str) -> ScheduledEvent | None:
+        self._check_open()
+        rows = await self._read(self._query, f"SELECT {SCHEDULED_COLUMNS} FROM scheduled WHERE id = ? AND tenant = ?",
+                                (scheduled_id, tenant))
+        return _row_to_scheduled(rows[0]) if rows else None
+
+    async def count_scheduled(self, tenant: str) -> int:
+        self._check_open()
+        rows = await self._read(self._query, "SELECT count(*) FROM scheduled WHERE tenant = ?", (tenant,))
+        return rows[0][0]
 
     async def cancel_scheduled(self, tenant: str, scheduled_id: str) -> bool | None:
         self._check_open()
@@ -440,7 +545,7 @@ class SQLiteStorage(Storage):
                                      (scheduled_id, tenant)).fetchone()
             if row is None:
                 return None
-            if row[0] > now:
+            if claim_blocks_cancel(row[0], now):
                 return False  # an instance is publishing it right now
             connection.execute("DELETE FROM scheduled WHERE id = ?", (scheduled_id,))
             return True
@@ -463,6 +568,10 @@ class SQLiteStorage(Storage):
 
     async def complete_scheduled(self, scheduled_ids: list[str]) -> None:
         await self._write("DELETE FROM scheduled WHERE id = ?", [(i,) for i in scheduled_ids])
+
+    async def park_scheduled(self, scheduled_ids: list[str]) -> None:
+        await self._write("UPDATE scheduled SET claimed_by = ?, claimed_until = ? WHERE id = ?",
+                          [(PARKED_OWNER, PARKED_UNTIL, i) for i in scheduled_ids])
 
     async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work(connection)`` atomically, in the next group-committed transaction."""
@@ -512,6 +621,14 @@ class SQLiteStorage(Storage):
     async def last_position(self) -> int:
         self._check_open()
         return await self._read(self._last_position)
+
+    async def epoch(self) -> str:
+        """Written once, when the file's schema is created; a new file has a new one."""
+        if self._epoch is None:
+            self._check_open()
+            rows = await self._read(self._query, "SELECT value FROM store WHERE name = 'epoch'", ())
+            self._epoch = rows[0][0]
+        return self._epoch
 
     def _last_position(self) -> int:
         assert self._reader is not None

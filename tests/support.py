@@ -28,6 +28,11 @@ def make_token(sub: str = "alice", tenant: str | None = "acme", roles: list[str]
     return jwt.encode({k: v for k, v in payload.items() if v is not None}, secret, algorithm=algorithm)
 
 
+def backend_token(tenant: str | None = "acme", **claims: Any) -> str:
+    """A server credential: a token holding the publisher role (EDDY_PUBLISHER_ROLE), as a backend would use."""
+    return make_token("backend", tenant=tenant, roles=["publisher"], **claims)
+
+
 class Client:
     """A test WebSocket client that reads JSON frames with timeouts."""
 

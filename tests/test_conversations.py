@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.support import Client, http, json_of, make_token, publish
+from tests.support import Client, backend_token, http, json_of, make_token, publish
 
 CONV = "conversation:158803db-1111-4c4c-8888-7f22a9c1aaaa"
 RULES = """
@@ -239,14 +239,14 @@ async def test_join_since_replays_missed_events_then_live(http_server, http_port
 @pytest.mark.settings(history_size=3)
 async def test_join_since_a_trimmed_position_says_history_lost(http_server, http_port):
     token = make_token("ana", roles=["agent"])
-    ids = [e["id"] for e in await asyncio.gather(*(publish(http_port, "orders", "n", {"n": n}, token)
+    ids = [e["id"] for e in await asyncio.gather(*(publish(http_port, "orders", "n", {"n": n}, backend_token())
                                                    for n in range(150)))]
     ids.sort(key=int)
     client = await Client.connect(http_port, "/ws", token)
     await client.recv()
     error = await client.request({"type": "join", "channel": "orders", "since": ids[0], "ref": 1})
     assert (error["type"], error["code"], error["ref"]) == ("error", "HISTORY_LOST", 1)
-    await publish(http_port, "orders", "n", {"n": "after"}, token)
+    await publish(http_port, "orders", "n", {"n": "after"}, backend_token())
     assert await client.no_frame_within(0.2)  # not joined after the refusal
     assert (await client.request({"type": "join", "channel": "orders", "since": ids[-2], "ref": 2}))["type"] == "ack"
     assert (await client.recv_type("event"))["id"] == ids[-1]

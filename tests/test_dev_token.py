@@ -26,3 +26,19 @@ async def test_development_token_is_minted_for_loopback_callers(http_server, htt
 async def test_no_development_token_when_a_real_secret_is_configured(http_server, http_port):
     response = await http(http_port, "POST", "/api/dev-token", {"sub": "ana"}, make_token())
     assert response.code == 404 and json_of(response)["code"] == "NOT_FOUND"
+
+
+@pytest.mark.gen_test
+@pytest.mark.settings(jwt_secret="")
+async def test_no_development_token_through_a_proxy_or_for_another_host(http_server, http_port):
+    """Issue 15 (Medium): a reverse proxy on the same host connects from loopback; its headers give it away."""
+    body = {"sub": "ana", "tenant": "victim", "roles": ["admin"]}
+    refused = [{"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}, {"X-Real-IP": "203.0.113.9"},
+               {"Host": "eddy.example.com"}, {"Origin": "https://eddy.example.com"},
+               {"Host": "localhost.example.com:8888"}]
+    for headers in refused:
+        response = await http(http_port, "POST", "/api/dev-token", body, headers=headers)
+        assert response.code == 404 and json_of(response)["code"] == "NOT_FOUND", headers
+    for headers in ({}, {"Host": f"localhost:{http_port}", "Origin": f"http://localhost:{http_port}"},
+                    {"Host": f"[::1]:{http_port}"}):
+        assert (await http(http_port, "POST", "/api/dev-token", body, headers=headers)).code == 200, headers

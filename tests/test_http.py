@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from storage import StorageUnavailable
-from tests.support import http, json_of, make_token, publish
+from tests.support import backend_token, http, json_of, make_token, publish
 
 
 def problem(response, status: int, code: str) -> dict:
@@ -110,15 +110,19 @@ async def test_every_http_error_code(http_server, http_port, eddy, monkeypatch):
 async def test_publishing_to_a_user_room_is_allowed_over_http(http_server, http_port):
     """The app notifies one user on all devices by publishing to user:<id>."""
     response = await http(http_port, "POST", "/api/events", {"channel": "user:bob", "event": "notificacao"},
-                          make_token("backend"))
+                          backend_token())
     assert response.code == 201
+    # Only a server credential targets built-in rooms: an end user's token (a browser holds it) cannot.
+    for channel in ("user:bob", "role:agent", "tenant"):
+        response = await http(http_port, "POST", "/api/events", {"channel": channel, "event": "e"}, make_token("eve"))
+        assert response.code == 403 and json_of(response)["code"] == "FORBIDDEN", channel
 
 
 @pytest.mark.gen_test
 async def test_health_and_readiness(http_server, http_port, eddy, monkeypatch):
     assert json_of(await http(http_port, "GET", "/healthz")) == {"status": "ok"}
     ready = await http(http_port, "GET", "/readyz")
-    assert ready.code == 200 and json_of(ready)["checks"] == {"storage": "ok", "watcher": "ok"}
+    assert ready.code == 200 and json_of(ready)["checks"] == {"storage": "ok", "watcher": "ok", "scheduler": "ok"}
 
     async def down():
         raise StorageUnavailable("gone")

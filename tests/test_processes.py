@@ -90,6 +90,26 @@ def processes(tmp_path):
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_eddy_token_signs_what_the_configured_server_accepts(processes, tmp_path):
+    """Issue 15 (Low): `eddy token` ignored the configured issuer, audience, claim names (and algorithm)."""
+    config = tmp_path / "eddy.toml"
+    config.write_text('jwt_issuer = "https://id.example"\njwt_audience = "eddy"\njwt_algorithms = "HS512"\n'
+                      'user_claim = "uid"\ntenant_claim = "empresaId"\nroles_claim = "perfis"\n')
+    server = processes(f"sqlite:///{tmp_path}/eddy.db", args=["--config", str(config)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDDY_")} | {"PYTHONPATH": str(ROOT),
+                                                                               "EDDY_JWT_SECRET": SECRET}
+    minted = subprocess.run(
+        [sys.executable, "-m", "service", "token", "--sub", "ana", "--tenant", "loja-7", "--role", "agent",
+         "--config", str(config)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=True,
+    ).stdout.strip()
+    client = await Client.connect(server.port, "/ws", minted)
+    connected = await client.recv()
+    assert (connected["user_id"], connected["tenant"]) == ("ana", "loja-7") and "role:agent" in connected["channels"]
+    client.close()
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_two_processes_share_one_sqlite_file(processes, tmp_path):
     storage = f"sqlite:///{tmp_path}/shared.db"
     a, b = processes(storage), processes(storage)

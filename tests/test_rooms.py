@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tornado.httpclient import HTTPClientError
 
-from tests.support import Client, http, json_of, make_token, publish
+from tests.support import Client, backend_token, http, json_of, make_token, publish
 
 RULES = """
 [[channels]]
@@ -47,7 +47,7 @@ async def test_automatic_rooms_target_a_user_a_role_and_a_tenant(http_server, ht
     other_tenant_agent = await Client.connect(http_port, "/ws", make_token("carol", tenant="globex", roles=["agent"]))
     for client in (alice_desktop, alice_phone, bob, other_tenant_agent):
         await client.recv()
-    backend = make_token("backend")
+    backend = backend_token()
 
     await publish(http_port, "user:alice", "notificacao", {"to": "alice"}, backend)
     for device in (alice_desktop, alice_phone):
@@ -124,13 +124,13 @@ async def test_rules_decide_joins_and_refusals_keep_other_rooms(http_server, htt
         error = await client.request({"type": "join", "channel": channel, "ref": "r"})
         assert (error["type"], error["code"], error["ref"]) == ("error", code, "r"), channel
     # The refused client is not in the room; its other rooms still work.
-    await publish(http_port, CONVERSATION, "message", {"text": "oi"}, make_token("backend"))
-    await publish(http_port, "orders", "pedido_criado", {"id": 1}, make_token("backend"))
+    await publish(http_port, CONVERSATION, "message", {"text": "oi"}, backend_token())
+    await publish(http_port, "orders", "pedido_criado", {"id": 1}, backend_token())
     assert (await agent.recv_type("event"))["channel"] == CONVERSATION
     assert (await customer.recv_type("event"))["channel"] == "orders"
     assert await customer.no_frame_within(0.2)
     # REST publishing to a channel no rule covers is refused too.
-    response = await http(http_port, "POST", "/api/events", {"channel": "unlisted", "event": "e"}, make_token("backend"))
+    response = await http(http_port, "POST", "/api/events", {"channel": "unlisted", "event": "e"}, backend_token())
     assert response.code == 403 and json_of(response)["code"] == "FORBIDDEN"
     agent.close()
     customer.close()

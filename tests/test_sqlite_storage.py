@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import EventDraft, StorageUnavailable, open_storage
+from storage import EventDraft, RecordRefused, StorageUnavailable, open_storage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +40,36 @@ async def test_concurrent_appends_share_transactions(url):
     events = await asyncio.gather(*(store.append(EventDraft("t", "c", "e", {"n": n})) for n in range(100)))
     assert len({e.position for e in events}) == 100
     assert store.transactions - before < 100 / 4  # group commit batched them
+    await store.close()
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.gen_test
+async def test_one_bad_record_never_fails_its_neighbours_in_a_group_commit(url):
+    """Issue 15 (High): data nested ~300 deep failed every write batched with it (another tenant's too)."""
+    store = open_storage(url)
+    await store.open()
+    before = store.transactions
+    results = await asyncio.gather(
+        *(store.append(EventDraft("other", "c", "e", {"n": n})) for n in range(20)),
+        store.append(EventDraft("attacker", "c", "e", nested(300))),
+        store.schedule(EventDraft("attacker", "c", "e", nested(300)), 0.0),
+        *(store.append(EventDraft("other", "c", "e", {"n": n})) for n in range(20, 40)),
+        return_exceptions=True,
+    )
+    assert store.transactions - before < 10  # they did share transactions
+    assert all(isinstance(r, RecordRefused) for r in results[20:22]), results[20:22]
+    good = results[:20] + results[22:]
+    assert not any(isinstance(r, BaseException) for r in good), good
+    page = await store.history("other", "c", limit=100)
+    assert [e.data["n"] for e in page.events] == list(range(40))
+    assert (await store.history("attacker", "c")).events == [] and await store.scheduled("attacker") == []
     await store.close()
 
 
@@ -87,3 +117,25 @@ def test_url_must_name_a_file():
     for bad in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
         with pytest.raises(ValueError):
             open_storage(bad)
+
+
+@pytest.mark.gen_test
+async def test_trim_counters_are_bounded_and_a_forgotten_channel_is_trimmed(url, monkeypatch):
+    """Issue 15 (Low): per-channel counters were never freed; bounded, a channel whose counter goes is trimmed."""
+    import storage.sqlite
+
+    monkeypatch.setattr(storage.sqlite, "TRIMMED_CHANNELS", 5)
+    store = open_storage(url, history_size=50)
+    await store.open()
+    for n in range(60):  # trimmed to 50 at the 50th append, then 10 more: 60 kept until the next trim
+        await store.append(EventDraft("t", "busy", "e", {"n": n}))
+    for channel in range(10):
+        await store.append(EventDraft("t", f"c{channel}", "e", None))
+    assert len(store._appends_since_trim) == 5
+    for _ in range(100):
+        page = await store.history("t", "busy", limit=100)
+        if len(page.events) == 50:
+            break
+        await asyncio.sleep(0.02)
+    assert [e.data["n"] for e in page.events] == list(range(10, 60)) and page.lost
+    await store.close()

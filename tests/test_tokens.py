@@ -8,7 +8,7 @@ import time
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from tests.support import Client, make_token, publish
+from tests.support import Client, backend_token, make_token, publish
 
 
 async def closed_with(client: Client, timeout: float = 5.0) -> int | None:
@@ -99,7 +99,7 @@ async def test_per_user_cap_evicts_the_oldest(http_server, http_port):
     third = await Client.connect(http_port, "/ws", make_token("alice"))
     await third.recv()
     assert await closed_with(first) == 4029
-    await publish(http_port, "user:alice", "hello")
+    await publish(http_port, "user:alice", "hello", token=backend_token())
     assert (await second.recv_type("event"))["event"] == "hello"
     assert (await third.recv_type("event"))["event"] == "hello"
     assert (await other_user.request({"type": "ping"}))["type"] == "pong"

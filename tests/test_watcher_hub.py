@@ -193,5 +193,19 @@ def test_hub_lists_a_tenants_slowest_consumers_and_counts_no_protocol_events():
 
     for position, name in enumerate(["order.created", "$typing", "$presence", "$read", "order.paid"], start=1):
         hub.publish(event(name, position))
-    assert hub.channel_events == {("acme", "orders"): 2}  # what the feed shows: not typing, presence, reads
+    assert dict(hub.channel_events.items()) == {("acme", "orders"): 2}  # what the feed shows: not typing, presence, reads
     assert hub.events_published == 5 and len(slow.messages) == 5
+
+
+def test_fan_out_counters_are_bounded():
+    """Issue 15 (Low): the hub counted every channel name ever published to, for ever."""
+    from service.hub import COUNTED_CHANNELS, Hub
+    from storage import Event
+
+    hub = Hub()
+    for n in range(COUNTED_CHANNELS + 100):
+        hub.publish(Event(n + 1, "acme", f"c{n}", "e", None, 0.0))
+    hub.publish(Event(COUNTED_CHANNELS + 200, "acme", "c0", "e", None, 0.0))  # c0 was forgotten; counted anew
+    counted = dict(hub.channel_events.items())
+    assert len(counted) == COUNTED_CHANNELS
+    assert counted[("acme", "c0")] == 1 and ("acme", "c100") not in counted and counted[("acme", "c101")] == 1

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from tests.support import Client, http, json_of, make_token, publish
+from tests.support import Client, backend_token, http, json_of, make_token, publish
 
 
 def parse_iso(text: str) -> datetime:
@@ -357,7 +357,7 @@ async def test_reconnect_with_since_resumes_the_rooms_joined_at_connect(http_ser
     assert (await first.recv_type("event"))["id"] == seen
     first.close()  # away while the stream and the user's own room get events
     missed = [(await publish(http_port, "tickets", "ticket.created", {"n": n}, token))["id"] for n in (2, 3)]
-    direct = (await publish(http_port, "user:kiosk", "notice", {"n": 4}, token))["id"]
+    direct = (await publish(http_port, "user:kiosk", "notice", {"n": 4}, backend_token()))["id"]
     again = await Client.connect(http_port, "/ws/tickets/stream", token, query=f"?since={seen}")
     connected = await again.recv()
     assert connected["type"] == "connected" and "last_id" not in connected

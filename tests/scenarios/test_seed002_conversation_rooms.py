@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import Client, make_token, publish
+from tests.support import Client, backend_token, make_token, publish
 
 CONV_1 = "conversation:158803db-1111-4c4c-8888-7f22a9c1aaaa"
 CONV_2 = "conversation:7f22a9c1-2222-4c4c-8888-158803dbbbbb"
@@ -52,7 +52,7 @@ async def test_conversation_rooms_typing_and_status(http_server, http_port):
     # whatsapp_service emits message:new after commit → the conversation room only
     message = {"id": "m-1", "conversation_id": CONV_1.split(":")[1], "direction": "inbound",
                "sender_type": "contact", "message_type": "text", "content": {"text": "Oi"}, "status": "sent"}
-    await publish(http_port, CONV_1, "message:new", message, make_token("backend", tenant="pytake"))
+    await publish(http_port, CONV_1, "message:new", message, backend_token("pytake"))
     for client in (joao_desktop, maria):
         frame = await client.recv_type("event")
         assert (frame["event"], frame["data"]["content"]) == ("message:new", {"text": "Oi"})
@@ -61,20 +61,20 @@ async def test_conversation_rooms_typing_and_status(http_server, http_port):
     # message:status sent → delivered → read, in order
     for status in ("delivered", "read"):
         await publish(http_port, CONV_1, "message:status", {"message_id": "m-1", "status": status},
-                      make_token("backend", tenant="pytake"))
+                      backend_token("pytake"))
     for client in (joao_desktop, maria):
         statuses = [(await client.recv_type("event"))["data"]["status"] for _ in range(2)]
         assert statuses == ["delivered", "read"]
 
     # emit_to_user: every device of one user
     await publish(http_port, "user:joao", "notification", {"text": "new conversation"},
-                  make_token("backend", tenant="pytake"))
+                  backend_token("pytake"))
     for device in (joao_desktop, joao_mobile):
         assert (await device.recv_type("event"))["channel"] == "user:joao"
 
     # leave_conversation → left_conversation (ack), no more room events
     assert (await maria.request({"type": "leave", "channel": CONV_1, "ref": 3}))["type"] == "ack"
-    await publish(http_port, CONV_1, "message:new", {**message, "id": "m-2"}, make_token("backend", tenant="pytake"))
+    await publish(http_port, CONV_1, "message:new", {**message, "id": "m-2"}, backend_token("pytake"))
     assert (await joao_desktop.recv_type("event"))["data"]["id"] == "m-2"
     assert await maria.no_frame_within(0.2)
     for client in (joao_desktop, joao_mobile, maria, ana, customer):

@@ -68,7 +68,7 @@ async def test_omnichannel_gateway(http_server, http_port):
     assert rooms == ["role:atendente", "tenant", "user:maria"]
     for client in (pedro, cliente, rival):
         await client.recv()
-    backend = token("backend", "sistema")
+    backend = token("backend", "publisher")
 
     # ticket:entrar with ack: roles + tenant + the ticket must exist in the tenant
     ok = await maria.request({"type": "join", "channel": f"ticket:{TICKET}", "ref": 1})
