@@ -1,9 +1,12 @@
-"""MongoDB storage on motor: the production backend and the scale-out path.
+"""MongoDB storage: the production backend and the scale-out path.
 
 Every Eddy instance watches the same ``events`` collection through a change
 stream, so an event inserted by any instance reaches every socket on every
-instance. The driver stays behind this module: moving to PyMongo's own async
-client later touches this file only.
+instance. The driver stays behind this module: PyMongo's own asyncio client
+(``pymongo.AsyncMongoClient``) by default, Motor with ``?driver=motor`` in the
+storage URL for deployments pinned to it. The few calls where the two differ
+live in :class:`Driver` and :class:`MotorDriver`; everything else is written
+once against the API they share.
 
 Positions
     A client resuming with ``since`` gets history "after position p", so
@@ -44,14 +47,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import bson
 import orjson
 from bson.objectid import ObjectId
-from motor.motor_asyncio import AsyncIOMotorClient
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
@@ -88,7 +90,7 @@ TRIM_EVERY = 100
 #: The TTL index removes events on its own this long after the sweep should have (a backstop).
 TTL_BACKSTOP = 3600.0
 #: Options of ours in the URL, removed before the driver sees it.
-OWN_OPTIONS = {"eddy_prefix", "max_await_ms", "transaction_timeout"}
+OWN_OPTIONS = {"eddy_prefix", "max_await_ms", "transaction_timeout", "driver"}
 _COUNTER_ID = "events"
 _EPOCH_ID = "epoch"
 
@@ -100,6 +102,66 @@ def driver_errors() -> Iterator[None]:
         yield
     except PyMongoError as exc:
         raise StorageUnavailable(f"MongoDB unavailable: {exc}") from exc
+
+
+class Driver:
+    """PyMongo's asyncio API (``AsyncMongoClient``): the default driver.
+
+    Only the calls where Motor differs are here: how a client is made and
+    closed, how a session starts, and the two calls (``watch``, ``aggregate``)
+    that PyMongo awaits and Motor returns at once. Collections, cursors,
+    sessions and change streams are otherwise used the same way on both.
+    """
+
+    name: ClassVar[str] = "pymongo"
+
+    def client(self, url: str, **options: Any) -> Any:
+        return AsyncMongoClient(url, **options)
+
+    async def close(self, client: Any) -> None:
+        await client.close()
+
+    async def session(self, client: Any) -> Any:
+        """A session, to be entered with ``async with``."""
+        return client.start_session()
+
+    async def watch(self, target: Any, pipeline: list[dict[str, Any]], **options: Any) -> Any:
+        """An open change stream on a collection or database, to be entered with ``async with``."""
+        return await target.watch(pipeline, **options)
+
+    async def aggregate(self, collection: Any, pipeline: list[dict[str, Any]]) -> Any:
+        """A cursor over the pipeline's results, for ``async for``."""
+        return await collection.aggregate(pipeline)
+
+
+class MotorDriver(Driver):
+    """Motor (``?driver=motor``): deprecated since 2025-05-14 in favour of PyMongo's asyncio API.
+
+    Kept for deployments pinned to it while it gets fixes. Motor runs every
+    call on a thread pool; its change stream opens when entered.
+    """
+
+    name = "motor"
+
+    def client(self, url: str, **options: Any) -> Any:
+        from motor.motor_asyncio import AsyncIOMotorClient  # imported only when chosen
+
+        return AsyncIOMotorClient(url, **options)
+
+    async def close(self, client: Any) -> None:
+        client.close()
+
+    async def session(self, client: Any) -> Any:
+        return await client.start_session()
+
+    async def watch(self, target: Any, pipeline: list[dict[str, Any]], **options: Any) -> Any:
+        return target.watch(pipeline, **options)
+
+    async def aggregate(self, collection: Any, pipeline: list[dict[str, Any]]) -> Any:
+        return collection.aggregate(pipeline)
+
+
+DRIVERS: dict[str, Driver] = {driver.name: driver for driver in (Driver(), MotorDriver())}
 
 
 def _instant(seconds: float) -> datetime:
@@ -169,8 +231,12 @@ class MongoStorage(Storage):
         #: How long one getMore of the change stream waits for new events: short, for latency.
         self.max_await_ms = int(ours.get("max_await_ms", 250))
         self.transaction_timeout = float(ours.get("transaction_timeout", 10.0))
+        driver = ours.get("driver", "pymongo")
+        if driver not in DRIVERS:
+            raise ValueError(f"driver={driver!r} in the storage URL: expected one of {sorted(DRIVERS)}")
+        self.driver = DRIVERS[driver]
         self.transactions = 0
-        self._client: AsyncIOMotorClient | None = None
+        self._client: Any = None
         self._pending: list[tuple[EventDraft, asyncio.Future[Event]]] = []
         self._wake_writer = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -186,7 +252,7 @@ class MongoStorage(Storage):
             return
         # Fail fast when the server is gone (the driver's default waits 30 s); a URL option wins.
         timeout = {} if "serverselectiontimeoutms" in self.url.lower() else {"serverSelectionTimeoutMS": 5000}
-        self._client = AsyncIOMotorClient(self.url, tz_aware=True, **timeout)
+        self._client = self.driver.client(self.url, tz_aware=True, **timeout)
         database = self._client[self.database_name]
         majority = WriteConcern("majority")
         self.events = database.get_collection(self.prefix + "events", write_concern=majority)
@@ -199,7 +265,7 @@ class MongoStorage(Storage):
         try:
             await self._create_indexes()
         except PyMongoError as exc:
-            self._client.close()
+            await self.driver.close(self._client)
             self._client = None
             raise StorageUnavailable(f"MongoDB unavailable: {exc}") from exc
         loop = asyncio.get_running_loop()
@@ -232,7 +298,7 @@ class MongoStorage(Storage):
                 future.set_exception(StorageUnavailable("MongoDB storage closed"))
         self._pending = []
         if self._client is not None:
-            self._client.close()
+            await self.driver.close(self._client)
             self._client = None
 
     def _check_open(self) -> None:
@@ -276,7 +342,7 @@ class MongoStorage(Storage):
     async def _commit(self, drafts: list[EventDraft]) -> list[Event]:
         """Store ``drafts`` in one transaction; returns one event per draft (an earlier one for a used key)."""
         assert self._client is not None
-        async with await self._client.start_session() as session:
+        async with await self.driver.session(self._client) as session:
             result: list[Event] = await session.with_transaction(
                 lambda s: self._insert_batch(drafts, s),
                 read_concern=ReadConcern("snapshot"),
@@ -401,7 +467,7 @@ class MongoStorage(Storage):
     async def _sweep(self, now: float) -> None:
         pipeline = [{"$match": {"ephemeral": False, "timestamp": {"$lt": now - self.history_ttl}}},
                     {"$group": {"_id": {"tenant": "$tenant", "channel": "$channel"}, "through": {"$max": "$position"}}}]
-        async for group in self.events.aggregate(pipeline):
+        async for group in await self.driver.aggregate(self.events, pipeline):
             await self._delete_through(group["_id"]["tenant"], group["_id"]["channel"], group["through"])
 
     # The change feed -------------------------------------------------------
@@ -437,7 +503,8 @@ class MongoStorage(Storage):
                 if token is not None:
                     options["resume_after"] = token
                 try:
-                    async with self.events.watch([{"$match": {"operationType": "insert"}}], **options) as stream:
+                    pipeline = [{"$match": {"operationType": "insert"}}]
+                    async with await self.driver.watch(self.events, pipeline, **options) as stream:
                         # The stream is open: whatever commits from here on is in it; the rest is in the collection.
                         for event in await self._events_between(last):
                             yield event
@@ -745,7 +812,7 @@ class CollectionFeed:
         if saved is not None:
             options["start_after"] = saved["token"]
         try:
-            async with database.watch(self.pipeline(), **options) as stream:
+            async with await self.storage.driver.watch(database, self.pipeline(), **options) as stream:
                 async for change in stream:
                     for mapping in self.mappings:
                         draft = mapping.draft_for(change)

@@ -1,10 +1,15 @@
-"""MongoDB backend at the wire level: the real motor driver, through our code, against mockupdb.
+"""MongoDB backend at the wire level: the real drivers, through our code, against mockupdb.
 
 No MongoDB server runs on these machines; mockupdb speaks the wire protocol
 and lets each test see and answer every command the driver sends. Each test
 plays the server's part of one scenario: the transaction an append sends,
 the change stream the watcher opens, a resume after a network error, and a
 recovery after the stream's history is lost.
+
+Every test runs on both drivers: PyMongo's asyncio client (the default) and
+Motor (``?driver=motor``). PyMongo's client runs on the event loop itself (no
+thread pool), so mockupdb's blocking ``receives()`` always waits in an
+executor thread while the loop keeps driving the client.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ STEP = 5.0
 
 
 class MockMongo:
-    """A mockupdb server posing as the primary of replica set rs0."""
+    """A mockupdb server posing as the primary of replica set rs0, reached through one driver."""
 
-    def __init__(self) -> None:
+    def __init__(self, driver: str = "pymongo") -> None:
+        self.driver = driver
         self.server = MockupDB(max_wire_version=21)
         self.port = self.server.run()
         host = f"localhost:{self.port}"
@@ -42,7 +48,7 @@ class MockMongo:
 
     @property
     def url(self) -> str:
-        return f"mongodb://localhost:{self.port}/eddytest?replicaSet=rs0&max_await_ms=50"
+        return f"mongodb://localhost:{self.port}/eddytest?replicaSet=rs0&max_await_ms=50&driver={self.driver}"
 
     async def receive(self, command: str):
         """The next request; it must be ``command`` (mockupdb blocks, so it waits in a thread)."""
@@ -56,9 +62,14 @@ class MockMongo:
         self.server.stop()
 
 
+@pytest.fixture(params=["pymongo", "motor"])
+def driver(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def mongo():
-    server = MockMongo()
+def mongo(driver):
+    server = MockMongo(driver)
     yield server
     server.stop()
 
@@ -113,6 +124,15 @@ async def commit_transaction(mongo: MockMongo, seq: int, *, expect_find: bool = 
     assert commit.doc["writeConcern"] == {"w": "majority"}
     commit.reply({})
     return insert, counter
+
+
+def test_the_driver_is_chosen_by_the_url(mongo, store, driver):
+    # PyMongo's own asyncio client unless the URL asks for Motor; our option never reaches the driver.
+    expected = {"pymongo": "pymongo.asynchronous.", "motor": "motor."}[driver]
+    assert type(store._client).__module__.startswith(expected)
+    assert "driver=" not in store.url and MongoStorage(mongo.url.replace(f"&driver={driver}", "")).driver.name == "pymongo"
+    with pytest.raises(ValueError, match="driver='mongoengine'"):
+        MongoStorage(f"mongodb://localhost:{mongo.port}/eddytest?driver=mongoengine")
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -282,11 +302,12 @@ async def test_claims_are_conditional_updates(mongo, store):
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_a_refused_connection_is_storage_unavailable():
+async def test_a_refused_connection_is_storage_unavailable(driver):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    storage = MongoStorage(f"mongodb://localhost:{port}/eddytest?replicaSet=rs0&serverSelectionTimeoutMS=300")
+    storage = MongoStorage(f"mongodb://localhost:{port}/eddytest?replicaSet=rs0&serverSelectionTimeoutMS=300"
+                           f"&driver={driver}")
     with pytest.raises(StorageUnavailable):
         await storage.open()
 
