@@ -42,10 +42,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import re
-import time
+import socket
+import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -90,7 +92,7 @@ TRIM_EVERY = 100
 #: The TTL index removes events on its own this long after the sweep should have (a backstop).
 TTL_BACKSTOP = 3600.0
 #: Options of ours in the URL, removed before the driver sees it.
-OWN_OPTIONS = {"eddy_prefix", "max_await_ms", "transaction_timeout", "driver"}
+OWN_OPTIONS = {"eddy_prefix", "max_await_ms", "transaction_timeout", "driver", "feed_lease"}
 _COUNTER_ID = "events"
 _EPOCH_ID = "epoch"
 
@@ -125,11 +127,11 @@ class Driver:
         """A session, to be entered with ``async with``."""
         return client.start_session()
 
-    async def watch(self, target: Any, pipeline: list[dict[str, Any]], **options: Any) -> Any:
+    async def watch(self, target: Any, pipeline: list[Any], **options: Any) -> Any:
         """An open change stream on a collection or database, to be entered with ``async with``."""
         return await target.watch(pipeline, **options)
 
-    async def aggregate(self, collection: Any, pipeline: list[dict[str, Any]]) -> Any:
+    async def aggregate(self, collection: Any, pipeline: list[Any]) -> Any:
         """A cursor over the pipeline's results, for ``async for``."""
         return await collection.aggregate(pipeline)
 
@@ -154,10 +156,10 @@ class MotorDriver(Driver):
     async def session(self, client: Any) -> Any:
         return await client.start_session()
 
-    async def watch(self, target: Any, pipeline: list[dict[str, Any]], **options: Any) -> Any:
+    async def watch(self, target: Any, pipeline: list[Any], **options: Any) -> Any:
         return target.watch(pipeline, **options)
 
-    async def aggregate(self, collection: Any, pipeline: list[dict[str, Any]]) -> Any:
+    async def aggregate(self, collection: Any, pipeline: list[Any]) -> Any:
         return collection.aggregate(pipeline)
 
 
@@ -218,6 +220,9 @@ def _to_scheduled(document: dict[str, Any]) -> ScheduledEvent:
 class MongoStorage(Storage):
     """The storage contract on a MongoDB replica set (change streams need one)."""
 
+    #: The application-collection feed, once ``follow_collections`` started it.
+    collection_feed: CollectionFeed | None = None
+
     def __init__(self, url: str, **options: float) -> None:
         super().__init__(**options)
         parts = urlsplit(url)
@@ -231,6 +236,8 @@ class MongoStorage(Storage):
         #: How long one getMore of the change stream waits for new events: short, for latency.
         self.max_await_ms = int(ours.get("max_await_ms", 250))
         self.transaction_timeout = float(ours.get("transaction_timeout", 10.0))
+        #: Seconds the collection-feed lease lasts without renewal: a dead holder is replaced within 4/3 of it.
+        self.feed_lease = float(ours.get("feed_lease", 10.0))
         driver = ours.get("driver", "pymongo")
         if driver not in DRIVERS:
             raise ValueError(f"driver={driver!r} in the storage URL: expected one of {sorted(DRIVERS)}")
@@ -679,8 +686,9 @@ class MongoStorage(Storage):
     async def follow_collections(self, tables: list[dict[str, Any]]) -> None:
         self._check_open()
         mappings = [CollectionMapping.from_table(t) for t in tables]
-        feed = CollectionFeed(self, mappings)
-        self._tasks.append(asyncio.get_running_loop().create_task(feed.run(), name="eddy-mongo-collections"))
+        self.collection_feed = CollectionFeed(self, mappings, self.feed_lease)
+        self._tasks.append(asyncio.get_running_loop().create_task(self.collection_feed.run(),
+                                                                  name="eddy-mongo-collections"))
 
     # Helpers -------------------------------------------------------------------
 
@@ -779,52 +787,174 @@ class CollectionMapping:
         return EventDraft(tenant, channel, self.event, data, idempotency_key=key)
 
 
-class CollectionFeed:
-    """Turns changes in the application's collections into Eddy events, resuming from a stored token."""
+class FeedLease:
+    """The right to run the collection feed: held by one instance at a time.
 
-    def __init__(self, storage: MongoStorage, mappings: list[CollectionMapping]) -> None:
+    The lease lives in the feed's checkpoint document (``holder``, ``term``,
+    ``until``) and is stamped with the *server's* clock (``$$NOW``), so the
+    instances' own clocks never have to agree. An instance takes it when it is
+    free or its ``until`` has passed; the term grows each time it changes
+    hands. The holder extends it with every checkpoint it writes and at least
+    every third of its length, and every such write is conditional on holder
+    and term: a holder that stops answering loses the lease ``length``
+    seconds after its last write, a standby (trying every third of the
+    length) takes it within ``length * 4/3`` of that write, and a former
+    holder that wakes up can neither move the checkpoint nor keep following,
+    because its first write matches nothing and it steps down.
+    """
+
+    def __init__(self, checkpoints: Any, key: str, length: float) -> None:
+        self.checkpoints = checkpoints
+        self.key = key
+        self.length = length
+        #: Unique per process and feed: host, pid and a random part.
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: The term held, or None while this instance is a standby.
+        self.term: int | None = None
+
+    @property
+    def renew_every(self) -> float:
+        return self.length / 3
+
+    def _until(self) -> dict[str, Any]:
+        return {"$add": ["$$NOW", int(self.length * 1000)]}
+
+    async def acquire(self) -> dict[str, Any] | None:
+        """Take the lease if it is free, expired or ours; returns the checkpoint document, or None if held."""
+        free = {"_id": self.key, "$or": [{"holder": self.holder}, {"$expr": {"$lte": ["$until", "$$NOW"]}}]}
+        same_holder = {"$eq": ["$holder", self.holder]}
+        take = [{"$set": {"holder": self.holder, "until": self._until(),
+                          "term": {"$cond": [same_holder, "$term", {"$add": [{"$ifNull": ["$term", 0]}, 1]}]}}}]
+        try:
+            document = await self.checkpoints.find_one_and_update(free, take, upsert=True,
+                                                                  return_document=ReturnDocument.AFTER)
+        except DuplicateKeyError:  # the document exists and another instance holds it
+            self.term = None
+            return None
+        self.term = int(document["term"])
+        return dict(document)
+
+    async def renew(self, token: Any = None) -> bool:
+        """Extend the lease, saving ``token`` as the checkpoint when given; False when the lease is no longer ours."""
+        if self.term is None:
+            return False
+        fields: dict[str, Any] = {"until": self._until()}
+        if token is not None:
+            fields.update(token={"$literal": token}, at="$$NOW")
+        result = await self.checkpoints.update_one({"_id": self.key, "holder": self.holder, "term": self.term},
+                                                   [{"$set": fields}])
+        if result.matched_count == 0:
+            self.term = None
+        return self.term is not None
+
+    async def forget_token(self) -> None:
+        """Drop the checkpoint, so the feed follows from now (its changes since then are out of the oplog)."""
+        await self.checkpoints.update_one({"_id": self.key, "holder": self.holder, "term": self.term},
+                                          {"$unset": {"token": ""}})
+
+    async def release(self) -> None:
+        """Let a standby take over at once (on a clean shutdown)."""
+        if self.term is not None:
+            await self.checkpoints.update_one({"_id": self.key, "holder": self.holder, "term": self.term},
+                                              [{"$set": {"until": "$$NOW"}}])
+            self.term = None
+
+
+class CollectionFeed:
+    """Turns changes in the application's collections into Eddy events, on the one instance holding the lease.
+
+    Every instance runs a feed; the one holding :class:`FeedLease` follows a
+    change stream on the database from the checkpointed resume token, the
+    others wait to take over. Each change becomes an append whose idempotency
+    key is derived from the change's resume token (the same on every
+    instance), and the token is checkpointed only after that append
+    committed: a holder that dies between the two leaves the change to its
+    successor, which stores it once.
+    """
+
+    def __init__(self, storage: MongoStorage, mappings: list[CollectionMapping], lease_length: float) -> None:
         self.storage = storage
         self.mappings = mappings
         self.checkpoint_id = "collections:" + ",".join(sorted({m.collection for m in mappings}))
+        self.lease = FeedLease(storage.checkpoints, self.checkpoint_id, lease_length)
 
     def pipeline(self) -> list[dict[str, Any]]:
         return [{"$match": {"ns.coll": {"$in": sorted({m.collection for m in self.mappings})},
                             "operationType": {"$in": sorted({m.operation for m in self.mappings})}}}]
 
     async def run(self) -> None:
+        await self._check_pre_images()
         backoff = 0.1
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except (PyMongoError, StorageError) as exc:
-                log.warning("collection feed error (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        try:
+            while True:
+                try:
+                    checkpoint = await self.lease.acquire()
+                    if checkpoint is None:
+                        await asyncio.sleep(self.lease.renew_every)
+                        continue
+                    log.info("collection feed %s: following (lease term %d)", self.checkpoint_id, self.lease.term)
+                    await self._follow(checkpoint.get("token"))
+                    log.warning("collection feed %s: the lease passed to another instance; standing by",
+                                self.checkpoint_id)
+                    backoff = 0.1
+                except (PyMongoError, StorageError) as exc:
+                    log.warning("collection feed error (%s); retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            with suppress(PyMongoError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self.lease.release()
 
-    async def _follow(self) -> None:
-        assert self.storage._client is not None
+    async def _check_pre_images(self) -> None:
+        """Say once, at start-up, which collections mapped for deletes lack pre-images, and how to enable them."""
+        names = sorted({m.collection for m in self.mappings if m.operation == "delete"})
+        if not names:
+            return
         database = self.storage._client[self.storage.database_name]
-        saved = await self.storage.checkpoints.find_one({"_id": self.checkpoint_id})
+        try:
+            reply = await database.command({"listCollections": 1, "filter": {"name": {"$in": names}}})
+        except PyMongoError as exc:
+            log.warning("could not check pre-images of %s: %s", ", ".join(names), exc)
+            return
+        options = {c["name"]: c.get("options") or {} for c in reply["cursor"]["firstBatch"]}
+        for name in names:
+            if not (options.get(name, {}).get("changeStreamPreAndPostImages") or {}).get("enabled"):
+                log.warning("collection %s has no pre-images: its delete events carry only the document key. "
+                            "Enable them with: db.runCommand({collMod: %s, changeStreamPreAndPostImages: "
+                            "{enabled: true}})", name, orjson.dumps(name).decode())
+
+    async def _follow(self, token: Any) -> None:
+        """Follow the stream from ``token`` while the lease is ours; returns when it is not."""
+        database = self.storage._client[self.storage.database_name]
         options: dict[str, Any] = {"full_document": "updateLookup", "full_document_before_change": "whenAvailable",
                                    "max_await_time_ms": self.storage.max_await_ms}
-        if saved is not None:
-            options["start_after"] = saved["token"]
+        if token is not None:
+            options["start_after"] = token
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
         try:
             async with await self.storage.driver.watch(database, self.pipeline(), **options) as stream:
-                async for change in stream:
-                    for mapping in self.mappings:
-                        draft = mapping.draft_for(change)
-                        if draft is not None:
-                            await self.storage.append(draft)
-                    await self.storage.checkpoints.update_one(
-                        {"_id": self.checkpoint_id},
-                        {"$set": {"token": stream.resume_token, "at": _instant(time.time())}}, upsert=True)
+                while stream.alive:
+                    change = await stream.try_next()
+                    if change is not None:
+                        await self._publish(change)
+                    elif loop.time() - renewed < self.lease.renew_every:
+                        continue
+                    # The checkpoint follows the append: a change is never marked done before it is stored.
+                    if not await self.lease.renew(stream.resume_token):
+                        return
+                    renewed = loop.time()
         except OperationFailure as exc:
             if exc.code not in FATAL_STREAM_ERRORS:
                 raise
             # The oplog no longer holds where we stopped: those changes cannot be turned into events.
             log.error("collection changes since the last checkpoint are lost to Eddy (oplog rolled over, code %s); "
                       "following from now", exc.code)
-            await self.storage.checkpoints.delete_one({"_id": self.checkpoint_id})
+            await self.lease.forget_token()
+
+    async def _publish(self, change: dict[str, Any]) -> None:
+        for mapping in self.mappings:
+            draft = mapping.draft_for(change)
+            if draft is not None:
+                await self.storage.append(draft)

@@ -15,8 +15,13 @@ executor thread while the loop keeps driving the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from bson import ObjectId, Timestamp
@@ -312,14 +317,31 @@ async def test_a_refused_connection_is_storage_unavailable(driver):
         await storage.open()
 
 
+def app_change(n: int, operation: str = "insert", coll: str = "tickets", **fields) -> dict:
+    """Change ``n`` of the application's collections, with resume token ``app-000n``."""
+    return {"_id": {"_data": f"app-{n:04d}"}, "operationType": operation, "ns": {"db": "eddytest", "coll": coll},
+            "documentKey": {"_id": n}, **fields}
+
+
+async def take_lease(mongo: MockMongo, token: dict | None, term: int = 1) -> dict:
+    """Answer the feed's lease request as a free lease; returns the request's command document."""
+    request = await mongo.receive("findAndModify")
+    assert request.doc["findAndModify"] == "eddy_checkpoints" and request.doc["upsert"] is True
+    holder = request.doc["update"][0]["$set"]["holder"]
+    # Free when it is ours or its time (on the server's clock) has passed; the term grows when it changes hands.
+    assert request.doc["query"]["$or"] == [{"holder": holder}, {"$expr": {"$lte": ["$until", "$$NOW"]}}]
+    assert request.doc["update"][0]["$set"]["until"] == {"$add": ["$$NOW", 10_000]}
+    value = {"_id": request.doc["query"]["_id"], "holder": holder, "term": term}
+    request.reply({"value": {**value, "token": token} if token else value})
+    return request.doc
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_application_changes_become_events_once_resuming_from_the_checkpoint(mongo, store):
     mappings = [{"collection": "tickets", "operation": "update", "event": "ticket.completed",
                  "channel": "tickets", "tenant_field": "empresaId", "when": {"status": "Completed"}}]
     await store.follow_collections(mappings)
-    checkpoint = await mongo.receive("find")
-    assert checkpoint.doc["find"] == "eddy_checkpoints"
-    checkpoint.reply(cursor([{"_id": "collections:tickets", "token": {"_data": "app-0041"}}], first=True, cursor_id=0))
+    lease = await take_lease(mongo, token={"_data": "app-0041"}, term=3)
     aggregate = await mongo.receive("aggregate")
     stage = aggregate.doc["pipeline"][0]["$changeStream"]
     assert aggregate.doc["aggregate"] == 1  # the whole database: one stream for every mapped collection
@@ -327,8 +349,7 @@ async def test_application_changes_become_events_once_resuming_from_the_checkpoi
     assert aggregate.doc["pipeline"][1] == {"$match": {"ns.coll": {"$in": ["tickets"]},
                                                         "operationType": {"$in": ["update"]}}}
     ticket = {"_id": ObjectId(), "empresaId": 7, "status": "Completed", "plate": "ABC1D23"}
-    completed = {"_id": {"_data": "app-0042"}, "operationType": "update", "ns": {"db": "eddytest", "coll": "tickets"},
-                 "documentKey": {"_id": ticket["_id"]}, "fullDocument": ticket,
+    completed = {**app_change(42, "update"), "documentKey": {"_id": ticket["_id"]}, "fullDocument": ticket,
                  "updateDescription": {"updatedFields": {"status": "Completed"}, "removedFields": []}}
     aggregate.reply(cursor([completed], first=True, namespace="eddytest.$cmd.aggregate"))
     insert, _ = await commit_transaction(mongo, 50, expect_find=True)
@@ -336,9 +357,326 @@ async def test_application_changes_become_events_once_resuming_from_the_checkpoi
     assert (document["tenant"], document["channel"], document["event"]) == ("7", "tickets", "ticket.completed")
     assert document["data"] == {"_id": str(ticket["_id"]), "empresaId": 7, "status": "Completed", "plate": "ABC1D23"}
     assert document["idempotency_key"].endswith("app-0042")  # the same on every instance: stored once
-    saved = await mongo.receive("update")
-    assert saved.doc["updates"][0]["u"]["$set"]["token"] == {"_data": "app-0042"}
-    saved.reply({"n": 1})
+    # After the append committed: the checkpoint, written only while this instance holds the lease (and extending it).
+    (saved,) = (await mongo.receive("update")).doc["updates"]
+    assert saved["q"] == {"_id": "collections:tickets", "holder": lease["update"][0]["$set"]["holder"], "term": 3}
+    (stage,) = saved["u"]
+    assert stage["$set"]["token"] == {"$literal": {"_data": "app-0042"}}
+    assert stage["$set"]["until"] == {"$add": ["$$NOW", 10_000]}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_deletes_carry_the_pre_image_and_missing_pre_images_are_reported_once(mongo, store, caplog):
+    caplog.set_level(logging.INFO, "eddy.storage.mongo")
+    mappings = [{"collection": coll, "operation": "delete", "event": f"{coll}.gone", "channel": coll + ":{loja}",
+                 "tenant_field": "empresaId", "tenant": "default"} for coll in ("pedidos", "carrinhos")]
+    mappings.append({"collection": "tickets", "operation": "insert", "event": "ticket.created", "channel": "tickets",
+                     "tenant": "parking"})
+    await store.follow_collections(mappings)
+    check = await mongo.receive("listCollections")  # only collections mapped for deletes need pre-images
+    assert check.doc["filter"] == {"name": {"$in": ["carrinhos", "pedidos"]}}
+    check.reply(cursor([{"name": "pedidos", "type": "collection",
+                         "options": {"changeStreamPreAndPostImages": {"enabled": True}}},
+                        {"name": "carrinhos", "type": "collection", "options": {}}],
+                       first=True, cursor_id=0, namespace="eddytest.$cmd.listCollections"))
+    await take_lease(mongo, token=None)
+    # The first stream fails; the feed starts again, without repeating the start-up check.
+    (await mongo.receive("aggregate")).command_err(code=2, errmsg="BadValue")
+    await take_lease(mongo, token=None)
+    aggregate = await mongo.receive("aggregate")
+    assert aggregate.doc["pipeline"][0]["$changeStream"]["fullDocumentBeforeChange"] == "whenAvailable"
+    order = {"_id": 9, "empresaId": 7, "loja": "centro", "total": 42}
+    deleted = {**app_change(9, "delete", "pedidos"), "fullDocumentBeforeChange": order}
+    aggregate.reply(cursor([deleted], first=True, namespace="eddytest.$cmd.aggregate"))
+    insert, _ = await commit_transaction(mongo, 60, expect_find=True)
+    (document,) = insert.doc["documents"]
+    assert (document["tenant"], document["channel"], document["event"]) == ("7", "pedidos:centro", "pedidos.gone")
+    assert document["data"] == order
+    (await mongo.receive("update")).reply({"n": 1, "nModified": 1})
+    warnings = [r.getMessage() for r in caplog.records if "pre-images" in r.getMessage()]
+    assert warnings == ["collection carrinhos has no pre-images: its delete events carry only the document key. "
+                        'Enable them with: db.runCommand({collMod: "carrinhos", changeStreamPreAndPostImages: '
+                        "{enabled: true}})"]
+
+
+# Two instances, one collection feed: the lease and its takeover -----------------------------------------------
+
+
+def evaluate(expression, document: dict, now: datetime):
+    """An aggregation expression, as the server evaluates the few operators the lease uses."""
+    if isinstance(expression, str):
+        if expression == "$$NOW":
+            return now
+        return document.get(expression[1:]) if expression.startswith("$") else expression
+    if isinstance(expression, list):
+        return [evaluate(e, document, now) for e in expression]
+    if not isinstance(expression, dict):
+        return expression
+    if len(expression) != 1 or not next(iter(expression)).startswith("$"):
+        return {k: evaluate(v, document, now) for k, v in expression.items()}
+    ((operator, argument),) = expression.items()
+    if operator == "$literal":
+        return argument
+    values = evaluate(argument, document, now)
+    if operator == "$add":
+        times = [v for v in values if isinstance(v, datetime)]
+        milliseconds = sum(v for v in values if not isinstance(v, datetime))
+        return times[0] + timedelta(milliseconds=milliseconds) if times else milliseconds
+    if operator == "$ifNull":
+        return next((v for v in values if v is not None), None)
+    if operator == "$eq":
+        return values[0] == values[1]
+    if operator == "$lte":  # null sorts before every date
+        return values[0] is None or (values[1] is not None and values[0] <= values[1])
+    if operator == "$cond":
+        return values[1] if values[0] else values[2]
+    raise AssertionError(f"operator {operator} not expected")
+
+
+def matches(query: dict, document: dict, now: datetime) -> bool:
+    """Equality, ``$or`` and ``$expr``: the query language the lease and checkpoint writes use."""
+    for field, wanted in query.items():
+        if field == "$or":
+            if not any(matches(q, document, now) for q in wanted):
+                return False
+        elif field == "$expr":
+            if not evaluate(wanted, document, now):
+                return False
+        elif document.get(field) != wanted:
+            return False
+    return True
+
+
+def updated(update, document: dict, now: datetime) -> dict:
+    if isinstance(update, list):  # an update pipeline of $set stages
+        for stage in update:
+            ((name, fields),) = stage.items()
+            assert name == "$set", stage
+            document = {**document, **{k: evaluate(v, document, now) for k, v in fields.items()}}
+        return document
+    assert set(update) == {"$unset"}, update
+    return {k: v for k, v in document.items() if k not in update["$unset"]}
+
+
+class SharedReplicaSet:
+    """One replica set's state behind several mockupdb endpoints (one per Eddy instance).
+
+    It answers what the collection feed and its appends send, the way the
+    server would: lease and checkpoint writes with their queries and update
+    pipelines evaluated on the server's clock, transactions applied at commit
+    (with the unique idempotency index), and the database change stream over
+    ``changes``. A *frozen* instance gets no answer at all, as when its
+    process hangs or its network drops: its requests are held.
+    """
+
+    def __init__(self, driver: str) -> None:
+        self.driver = driver
+        self.lock = threading.RLock()
+        self.changes: list[dict] = []
+        self.events: list[dict] = []
+        self.seq = 0
+        self.checkpoint: dict | None = None
+        #: (instance, term, monotonic time) of every lease taken; refused attempts per instance.
+        self.grants: list[tuple[str, int, float]] = []
+        self.refused: Counter[str] = Counter()
+        #: (instance, startAfter token) of every change stream opened.
+        self.streams: list[tuple[str, dict | None]] = []
+        self.frozen_at: dict[str, float] = {}
+        self.held: dict[str, list] = {}
+        #: (instance, n, "before" or "after"): freeze that instance at its n-th commitTransaction.
+        self.freeze_at_commit: tuple[str, int, str] | None = None
+        self.unexpected: list[dict] = []
+        self._commits: Counter[str] = Counter()
+        self._transactions: dict[tuple, dict] = {}
+        self._cursors: dict[int, int] = {}
+        self.endpoints: list[MockMongo] = []
+
+    def endpoint(self, instance: str) -> MockMongo:
+        mongo = MockMongo(self.driver)
+        mongo.server.autoresponds(lambda request: self.answer(instance, request))
+        self.endpoints.append(mongo)
+        return mongo
+
+    def add_changes(self, *numbers: int) -> None:
+        with self.lock:
+            self.changes.extend(app_change(n, fullDocument={"_id": n, "plate": f"P{n}"}) for n in numbers)
+
+    def thaw(self, instance: str) -> None:
+        with self.lock:
+            del self.frozen_at[instance]
+            for request in self.held.pop(instance, []):
+                self.answer(instance, request)
+
+    def answer(self, instance: str, request) -> bool:
+        if request.command_name in ("ismaster", "isMaster", "hello"):
+            return False  # the endpoint's own hello responder
+        with self.lock:
+            if instance in self.frozen_at:
+                self.held.setdefault(instance, []).append(request)
+                return True
+            handler = getattr(self, "on_" + request.command_name, None)
+            if handler is None:
+                self.unexpected.append(request.doc)
+                request.command_err(code=59, errmsg=f"no such command {request.command_name}")
+            else:
+                handler(instance, request, datetime.now(UTC))
+            return True
+
+    def on_findAndModify(self, instance, request, now) -> None:
+        doc = request.doc
+        if doc["findAndModify"] == "eddy_counters":
+            transaction = self._transaction(doc)
+            transaction["inc"] += doc["update"]["$inc"]["seq"]
+            request.reply({"value": {"_id": "events", "seq": self.seq + transaction["inc"]}})
+            return
+        assert doc["findAndModify"] == "eddy_checkpoints" and doc["upsert"], doc
+        current = self.checkpoint
+        if current is not None and not matches(doc["query"], current, now):
+            self.refused[instance] += 1  # the upsert collides with the existing document
+            request.command_err(code=11000, errmsg="E11000 duplicate key error collection: eddytest.eddy_checkpoints")
+            return
+        self.checkpoint = updated(doc["update"], current or {"_id": doc["query"]["_id"]}, now)
+        if current is None or current.get("term") != self.checkpoint["term"]:
+            self.grants.append((instance, self.checkpoint["term"], time.monotonic()))
+        request.reply({"value": self.checkpoint})
+
+    def on_update(self, instance, request, now) -> None:
+        (statement,) = request.doc["updates"]
+        assert request.doc["update"] == "eddy_checkpoints", request.doc
+        hit = self.checkpoint is not None and matches(statement["q"], self.checkpoint, now)
+        if hit:
+            self.checkpoint = updated(statement["u"], self.checkpoint, now)
+        request.reply({"n": int(hit), "nModified": int(hit)})
+
+    def on_find(self, instance, request, now) -> None:
+        assert request.doc["find"] == "eddy_events", request.doc
+        found = [e for e in self.events if matches(request.doc["filter"], e, now)]
+        request.reply(cursor(found, first=True, cursor_id=0))
+
+    def on_insert(self, instance, request, now) -> None:
+        self._transaction(request.doc)["inserts"].extend(request.doc["documents"])
+        request.reply({"n": len(request.doc["documents"])})
+
+    def on_commitTransaction(self, instance, request, now) -> None:
+        self._commits[instance] += 1
+        rule = self.freeze_at_commit
+        if rule is not None and rule[:2] == (instance, self._commits[instance]) and rule[2] == "before":
+            self.frozen_at[instance] = time.monotonic()
+            self.held[instance] = [request]
+            return
+        transaction = self._transactions.pop(self._key(request.doc), {"inc": 0, "inserts": []})
+        keys = {e.get("idempotency_key") for e in self.events}
+        if any(d.get("idempotency_key") in keys for d in transaction["inserts"]):
+            request.command_err(code=11000, errmsg="E11000 duplicate key error index: idempotency")
+            return
+        self.seq += transaction["inc"]
+        self.events.extend(transaction["inserts"])
+        request.reply({})
+        if rule is not None and rule[:2] == (instance, self._commits[instance]):
+            self.frozen_at[instance] = time.monotonic()
+
+    def on_abortTransaction(self, instance, request, now) -> None:
+        self._transactions.pop(self._key(request.doc), None)
+        request.ok()
+
+    def on_aggregate(self, instance, request, now) -> None:
+        stage = request.doc["pipeline"][0]["$changeStream"]
+        token = stage.get("startAfter") or stage.get("resumeAfter")
+        tokens = [c["_id"] for c in self.changes]
+        start = tokens.index(token) + 1 if token is not None else len(self.changes)
+        self.streams.append((instance, token))
+        cursor_id = 100 + len(self.streams)
+        self._cursors[cursor_id] = len(self.changes)
+        request.reply(cursor(self.changes[start:], first=True, cursor_id=cursor_id,
+                             namespace="eddytest.$cmd.aggregate"))
+
+    def on_getMore(self, instance, request, now) -> None:
+        cursor_id = request.doc["getMore"]
+        if self._cursors[cursor_id] == len(self.changes):  # nothing new: answer after maxTimeMS, as a server does
+            threading.Timer(request.doc.get("maxTimeMS", 50) / 1000, self._more, (instance, request)).start()
+        else:
+            self._more(instance, request)
+
+    def _more(self, instance, request) -> None:
+        with self.lock:
+            if instance in self.frozen_at:
+                self.held.setdefault(instance, []).append(request)
+                return
+            cursor_id = request.doc["getMore"]
+            batch, self._cursors[cursor_id] = self.changes[self._cursors[cursor_id]:], len(self.changes)
+            with contextlib.suppress(OSError):  # the instance has closed this connection meanwhile
+                request.reply(cursor(batch, cursor_id=cursor_id, namespace="eddytest.$cmd.aggregate"))
+
+    def on_killCursors(self, instance, request, now) -> None:
+        request.ok()
+
+    on_endSessions = on_createIndexes = on_killCursors
+
+    def _key(self, doc: dict) -> tuple:
+        return bytes(doc["lsid"]["id"]), doc["txnNumber"]
+
+    def _transaction(self, doc: dict) -> dict:
+        return self._transactions.setdefault(self._key(doc), {"inc": 0, "inserts": []})
+
+
+async def eventually(condition, timeout: float = STEP) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+LEASE = 1.0
+
+
+@pytest.mark.parametrize("frozen", ["after", "before"])
+@pytest.mark.gen_test(timeout=60)
+async def test_a_standby_takes_over_the_collection_feed_from_a_silent_holder(driver, frozen, caplog):
+    caplog.set_level(logging.INFO, "eddy.storage.mongo")
+    rs = SharedReplicaSet(driver)
+    mappings = [{"collection": "tickets", "operation": "insert", "event": "ticket.created", "channel": "tickets",
+                 "tenant": "parking"}]
+    instances = {name: MongoStorage(rs.endpoint(name).url + f"&feed_lease={LEASE}") for name in ("a", "b")}
+    try:
+        for store in instances.values():  # a first: it takes the lease, b stands by
+            await store.open()
+            await store.follow_collections(mappings)
+            await eventually(lambda: rs.streams)
+        await eventually(lambda: rs.refused["b"] >= 2)
+        rs.add_changes(1, 2, 3)
+        await eventually(lambda: len(rs.events) == 3 and rs.checkpoint["token"] == {"_data": "app-0003"})
+        # a stops answering at change 4: with its transaction in flight, or committed but not yet checkpointed.
+        rs.freeze_at_commit = ("a", 4, frozen)
+        rs.add_changes(4)
+        await eventually(lambda: "a" in rs.frozen_at)
+        rs.add_changes(5, 6)
+        await eventually(lambda: rs.checkpoint["holder"] != instances["a"].collection_feed.lease.holder
+                         and rs.checkpoint.get("token") == {"_data": "app-0006"}, timeout=4 * LEASE + STEP)
+
+        assert [(name, term) for name, term, _ in rs.grants] == [("a", 1), ("b", 2)]
+        # b waited for a's lease to run out on the server's clock, and no longer than a third of it more.
+        assert rs.grants[1][2] - rs.frozen_at["a"] < LEASE * 4 / 3 + 1.0
+        assert rs.streams == [("a", None), ("b", {"_data": "app-0003"})]  # b resumed from a's last checkpoint
+        keys = [f"change:tickets:insert:ticket.created:app-{n:04d}" for n in range(1, 7)]
+        assert [(e["position"], e["idempotency_key"]) for e in rs.events] == list(enumerate(keys, 1))  # none lost, none twice
+        assert [e["data"] for e in rs.events] == [{"_id": n, "plate": f"P{n}"} for n in range(1, 7)]
+
+        # a wakes up: its held request is answered now; it moves nothing and stands by.
+        refused = rs.refused["a"]
+        rs.thaw("a")
+        await eventually(lambda: rs.refused["a"] > refused and instances["a"].collection_feed.lease.term is None)
+        assert rs.checkpoint["holder"] == instances["b"].collection_feed.lease.holder
+        assert rs.checkpoint["token"] == {"_data": "app-0006"} and len(rs.events) == 6 and rs.seq == 6
+        if frozen == "after":  # its checkpoint write matched nothing: it knows the lease has moved
+            assert any("passed to another instance" in r.getMessage() for r in caplog.records)
+        assert not rs.unexpected
+    finally:
+        for name in list(rs.frozen_at):  # a frozen instance would wait forever for its closing requests' answers
+            rs.thaw(name)
+        for store in instances.values():
+            await store.close()
+        for endpoint in rs.endpoints:
+            endpoint.stop()
 
 
 def test_collection_mappings_for_the_seed_documents():
