@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import uuid
 from typing import Any
 
 import jwt
 import orjson
+import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
@@ -15,6 +18,16 @@ SECRET = "test-secret-of-at-least-thirty-two-bytes!"
 # Tests fire dozens of requests at once; Tornado's default is 10 in flight.
 AsyncHTTPClient.configure(None, max_clients=100)
 TIMEOUT = 5.0
+#: The MongoDB storage kinds the contract and scenario suites run on: one per driver.
+MONGODB_KINDS = {"mongodb": "pymongo", "mongodb-motor": "motor"}
+
+
+def mongodb_test_url(kind: str) -> str:
+    """Fresh collections on the replica set EDDY_TEST_MONGODB_URI names, through the driver ``kind`` stands for."""
+    base = os.environ.get("EDDY_TEST_MONGODB_URI")
+    if not base:
+        pytest.skip("EDDY_TEST_MONGODB_URI not set: no MongoDB server on this machine")
+    return f"{base}{'&' if '?' in base else '?'}eddy_prefix=t{uuid.uuid4().hex[:12]}_&driver={MONGODB_KINDS[kind]}"
 
 
 def make_token(sub: str = "alice", tenant: str | None = "acme", roles: list[str] | None = None,

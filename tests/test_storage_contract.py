@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import time
 import uuid
 
 import pytest
 
 from storage import EventDraft, StorageError, open_storage, publication_key
+from tests.support import MONGODB_KINDS, mongodb_test_url
 
-BACKENDS = ["memory", "sqlite", "mongodb"]
+BACKENDS = ["memory", "sqlite", *MONGODB_KINDS]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -28,11 +28,7 @@ def make_storage(request, tmp_path, io_loop):
             return "memory://"
         if request.param == "sqlite":
             return f"sqlite:///{tmp_path}/contract.db"
-        base = os.environ.get("EDDY_TEST_MONGODB_URI")
-        if not base:
-            pytest.skip("EDDY_TEST_MONGODB_URI not set: no MongoDB server on this machine")
-        # A fresh set of collections per test, on the database the URI names.
-        return f"{base}{'&' if '?' in base else '?'}eddy_prefix=t{uuid.uuid4().hex[:12]}_"
+        return mongodb_test_url(request.param)
 
     async def make(**options):
         store = open_storage(url(), **options)
