@@ -893,9 +893,9 @@ class CollectionFeed:
                         await asyncio.sleep(self.lease.renew_every)
                         continue
                     log.info("collection feed %s: following (lease term %d)", self.checkpoint_id, self.lease.term)
-                    await self._follow(checkpoint.get("token"))
-                    log.warning("collection feed %s: the lease passed to another instance; standing by",
-                                self.checkpoint_id)
+                    if await self._follow(checkpoint.get("token")):
+                        log.warning("collection feed %s: the lease passed to another instance; standing by",
+                                    self.checkpoint_id)
                     backoff = 0.1
                 except (PyMongoError, StorageError) as exc:
                     log.warning("collection feed error (%s); retrying in %.1fs", exc, backoff)
@@ -924,8 +924,8 @@ class CollectionFeed:
                             "Enable them with: db.runCommand({collMod: %s, changeStreamPreAndPostImages: "
                             "{enabled: true}})", name, orjson.dumps(name).decode())
 
-    async def _follow(self, token: Any) -> None:
-        """Follow the stream from ``token`` while the lease is ours; returns when it is not."""
+    async def _follow(self, token: Any) -> bool:
+        """Follow the stream from ``token`` while the lease is ours: True when it is not, False when the stream ended."""
         database = self.storage._client[self.storage.database_name]
         options: dict[str, Any] = {"full_document": "updateLookup", "full_document_before_change": "whenAvailable",
                                    "max_await_time_ms": self.storage.max_await_ms}
@@ -943,7 +943,7 @@ class CollectionFeed:
                         continue
                     # The checkpoint follows the append: a change is never marked done before it is stored.
                     if not await self.lease.renew(stream.resume_token):
-                        return
+                        return True
                     renewed = loop.time()
         except OperationFailure as exc:
             if exc.code not in FATAL_STREAM_ERRORS:
@@ -952,6 +952,7 @@ class CollectionFeed:
             log.error("collection changes since the last checkpoint are lost to Eddy (oplog rolled over, code %s); "
                       "following from now", exc.code)
             await self.lease.forget_token()
+        return False
 
     async def _publish(self, change: dict[str, Any]) -> None:
         for mapping in self.mappings:
