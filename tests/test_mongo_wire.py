@@ -140,6 +140,32 @@ def test_the_driver_is_chosen_by_the_url(mongo, store, driver):
         MongoStorage(f"mongodb://localhost:{mongo.port}/eddytest?driver=mongoengine")
 
 
+def test_only_the_mongo_backend_imports_a_driver():
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for path in sorted(p for package in ("service", "handlers", "storage") for p in (root / package).rglob("*.py")):
+        if path == root / "storage" / "mongo.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in {"pymongo", "motor", "bson"}]
+    assert offenders == []
+    # Motor is imported only when a URL asks for it.
+    check = "import sys; from storage.mongo import MongoStorage; MongoStorage('mongodb://h/db'); print('motor' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_append_is_one_transaction_numbering_from_the_counter(mongo, store):
     appended = asyncio.ensure_future(store.append(EventDraft("acme", "orders", "created", {"n": 1, "big": 2**62})))

@@ -1,4 +1,5 @@
-"""loadtests/scale_model.py keeps to its own formulas: what docs/SCALE.md reads from it must follow from them."""
+"""The MongoDB scripts under loadtests/: the scale model keeps to its own formulas (docs/SCALE.md reads from it), the
+driver benchmark measures both drivers side by side."""
 
 from __future__ import annotations
 
@@ -54,3 +55,14 @@ def test_the_script_prints_one_row_per_case():
     rows = [line.split() for line in lines[header + 2:] if line.strip() and line.split()[0].isdigit()]
     assert [(r[0], r[1], r[2]) for r in rows] == [("1", "1", "1,000"), ("1", "1", "5,000"), ("1", "2", "1,000"),
                                                   ("1", "2", "5,000")]
+
+
+def test_the_driver_benchmark_runs_both_drivers_side_by_side():
+    run = subprocess.run([sys.executable, "-m", "loadtests.mongo_drivers", "--calls", "40", "--concurrency", "1,4",
+                          "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines()[2:]]
+    measured = [(r[0], r[2]) for r in rows if r[1] == "1"]
+    assert sorted(measured) == [("1", "motor"), ("1", "pymongo"), ("4", "motor"), ("4", "pymongo")]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows if r[1] == "1")
+    assert [r[0] for r in rows if r[1] == "ratio"] == ["1", "4"]
