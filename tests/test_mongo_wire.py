@@ -665,8 +665,9 @@ async def test_a_standby_takes_over_the_collection_feed_from_a_silent_holder(dri
     instances = {name: MongoStorage(rs.endpoint(name).url + f"&feed_lease={LEASE}") for name in ("a", "b")}
     try:
         for store in instances.values():  # a first: it takes the lease, b stands by
-            await store.open()
-            await store.follow_collections(mappings)
+            async with asyncio.timeout(STEP):
+                await store.open()
+                await store.follow_collections(mappings)
             await eventually(lambda: rs.streams)
         await eventually(lambda: rs.refused["b"] >= 2)
         rs.add_changes(1, 2, 3)
@@ -680,8 +681,8 @@ async def test_a_standby_takes_over_the_collection_feed_from_a_silent_holder(dri
                          and rs.checkpoint.get("token") == {"_data": "app-0006"}, timeout=4 * LEASE + STEP)
 
         assert [(name, term) for name, term, _ in rs.grants] == [("a", 1), ("b", 2)]
-        # b waited for a's lease to run out on the server's clock, and no longer than a third of it more.
-        assert rs.grants[1][2] - rs.frozen_at["a"] < LEASE * 4 / 3 + 1.0
+        # b waited for a's lease to run out on the server's clock, then a third of it at most (and slack for a busy box).
+        assert rs.grants[1][2] - rs.frozen_at["a"] < LEASE * 4 / 3 + 2.0
         assert rs.streams == [("a", None), ("b", {"_data": "app-0003"})]  # b resumed from a's last checkpoint
         keys = [f"change:tickets:insert:ticket.created:app-{n:04d}" for n in range(1, 7)]
         assert [(e["position"], e["idempotency_key"]) for e in rs.events] == list(enumerate(keys, 1))  # none lost, none twice
@@ -700,7 +701,8 @@ async def test_a_standby_takes_over_the_collection_feed_from_a_silent_holder(dri
         for name in list(rs.frozen_at):  # a frozen instance would wait forever for its closing requests' answers
             rs.thaw(name)
         for store in instances.values():
-            await store.close()
+            async with asyncio.timeout(STEP):
+                await store.close()
         for endpoint in rs.endpoints:
             endpoint.stop()
 
