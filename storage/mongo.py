@@ -238,6 +238,8 @@ class MongoStorage(Storage):
         self.transaction_timeout = float(ours.get("transaction_timeout", 10.0))
         #: Seconds the collection-feed lease lasts without renewal: a dead holder is replaced within 4/3 of it.
         self.feed_lease = float(ours.get("feed_lease", 10.0))
+        if not self.feed_lease > 0:
+            raise ValueError(f"feed_lease={self.feed_lease} in the storage URL: expected a positive number of seconds")
         driver = ours.get("driver", "pymongo")
         if driver not in DRIVERS:
             raise ValueError(f"driver={driver!r} in the storage URL: expected one of {sorted(DRIVERS)}")

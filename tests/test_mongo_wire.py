@@ -138,6 +138,8 @@ def test_the_driver_is_chosen_by_the_url(mongo, store, driver):
     assert "driver=" not in store.url and MongoStorage(mongo.url.replace(f"&driver={driver}", "")).driver.name == "pymongo"
     with pytest.raises(ValueError, match="driver='mongoengine'"):
         MongoStorage(f"mongodb://localhost:{mongo.port}/eddytest?driver=mongoengine")
+    with pytest.raises(ValueError, match="feed_lease=0.0"):
+        MongoStorage(f"mongodb://localhost:{mongo.port}/eddytest?feed_lease=0")
 
 
 def test_only_the_mongo_backend_imports_a_driver():
