@@ -35,6 +35,10 @@ Change feed
 Writes are group-committed: appends made while a transaction is in flight
 go together in the next one, so a burst costs a few transactions, not one
 per event.
+
+Application collections (``[[collections]]``) become events on one instance
+at a time: the holder of a lease kept in the store (:class:`FeedLease`),
+which another instance takes over when the holder goes silent.
 """
 
 from __future__ import annotations
