@@ -52,7 +52,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -171,7 +171,7 @@ DRIVERS: dict[str, Driver] = {driver.name: driver for driver in (Driver(), Motor
 
 
 def _instant(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 def _key(*parts: str) -> str:
@@ -224,10 +224,10 @@ def _to_scheduled(document: dict[str, Any]) -> ScheduledEvent:
 class MongoStorage(Storage):
     """The storage contract on a MongoDB replica set (change streams need one)."""
 
-    #: The application-collection feed, once ``follow_collections`` started it.
-    collection_feed: CollectionFeed | None = None
+    #: What follows the application's collections, once ``follow_collections`` started it.
+    collection_follower: CollectionFollower | None = None
 
-    def __init__(self, url: str, **options: float) -> None:
+    def __init__(self, url: str, **options: Any) -> None:
         super().__init__(**options)
         parts = urlsplit(url)
         if parts.scheme not in ("mongodb", "mongodb+srv"):
@@ -336,7 +336,7 @@ class MongoStorage(Storage):
                 try:
                     async with asyncio.timeout(self.transaction_timeout):
                         events = await self._commit([d for d, _ in batch])
-                except (PyMongoError, asyncio.TimeoutError) as exc:
+                except (PyMongoError, TimeoutError) as exc:
                     failure = StorageUnavailable(f"MongoDB write failed: {exc}")
                     for _, future in batch:
                         if not future.done():
@@ -347,7 +347,7 @@ class MongoStorage(Storage):
                         if not future.done():
                             future.set_exception(StorageError(f"append failed: {exc!r}"))
                     continue
-                for (_, future), event in zip(batch, events):
+                for (_, future), event in zip(batch, events, strict=True):
                     if not future.done():
                         future.set_result(event)
                 self._count_for_trim(events)
@@ -397,11 +397,11 @@ class MongoStorage(Storage):
         for draft in drafts:
             key = (draft.tenant, draft.idempotency_key)
             if draft.idempotency_key is not None and key in known:
-                result.append(known[key])  # type: ignore[index]
+                result.append(known[key])
             else:
                 event = next(new_events)
                 if draft.idempotency_key is not None:
-                    taken.discard(key)  # type: ignore[arg-type]
+                    taken.discard(key)
                     known[key] = event  # type: ignore[index]
                 result.append(event)
         return result
@@ -692,8 +692,8 @@ class MongoStorage(Storage):
     async def follow_collections(self, tables: list[dict[str, Any]]) -> None:
         self._check_open()
         mappings = [CollectionMapping.from_table(t) for t in tables]
-        self.collection_feed = CollectionFeed(self, mappings, self.feed_lease)
-        self._tasks.append(asyncio.get_running_loop().create_task(self.collection_feed.run(),
+        self.collection_follower = CollectionFollower(self, mappings, self.feed_lease)
+        self._tasks.append(asyncio.get_running_loop().create_task(self.collection_follower.run(),
                                                                   name="eddy-mongo-collections"))
 
     # Helpers -------------------------------------------------------------------
@@ -729,7 +729,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, ObjectId):
         return str(value)
     if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
     if isinstance(value, bson.decimal128.Decimal128):
         return str(value)
     if isinstance(value, bytes):
@@ -866,8 +866,9 @@ class FeedLease:
             self.term = None
 
 
-class CollectionFeed:
-    """Turns changes in the application's collections into Eddy events, on the one instance holding the lease.
+class CollectionFollower:
+    """MongoDB's :class:`~storage.base.CollectionFeed`: changes in the application's collections become Eddy events,
+    on the one instance holding the lease.
 
     Every instance runs a feed; the one holding :class:`FeedLease` follows a
     change stream on the database from the checkpointed resume token, the

@@ -679,7 +679,7 @@ async def test_a_standby_takes_over_the_collection_feed_from_a_silent_holder(dri
         rs.add_changes(4)
         await eventually(lambda: "a" in rs.frozen_at)
         rs.add_changes(5, 6)
-        await eventually(lambda: rs.checkpoint["holder"] != instances["a"].collection_feed.lease.holder
+        await eventually(lambda: rs.checkpoint["holder"] != instances["a"].collection_follower.lease.holder
                          and rs.checkpoint.get("token") == {"_data": "app-0006"}, timeout=4 * LEASE + STEP)
 
         assert [(name, term) for name, term, _ in rs.grants] == [("a", 1), ("b", 2)]
@@ -693,8 +693,8 @@ async def test_a_standby_takes_over_the_collection_feed_from_a_silent_holder(dri
         # a wakes up: its held request is answered now; it moves nothing and stands by.
         refused = rs.refused["a"]
         rs.thaw("a")
-        await eventually(lambda: rs.refused["a"] > refused and instances["a"].collection_feed.lease.term is None)
-        assert rs.checkpoint["holder"] == instances["b"].collection_feed.lease.holder
+        await eventually(lambda: rs.refused["a"] > refused and instances["a"].collection_follower.lease.term is None)
+        assert rs.checkpoint["holder"] == instances["b"].collection_follower.lease.holder
         assert rs.checkpoint["token"] == {"_data": "app-0006"} and len(rs.events) == 6 and rs.seq == 6
         if frozen == "after":  # its checkpoint write matched nothing: it knows the lease has moved
             assert any("passed to another instance" in r.getMessage() for r in caplog.records)
