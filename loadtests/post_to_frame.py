@@ -45,6 +45,17 @@ async def wait_ready(port: int, timeout: float = 20) -> None:
     raise TimeoutError("eddy did not become ready")
 
 
+async def post_events(port: int, token: str, events: int, rate: float) -> None:
+    """POST ``events`` events to channel ``bench`` at ``rate`` per second, each carrying its send time."""
+    http = AsyncHTTPClient()
+    started = time.monotonic()
+    for n in range(events):
+        body = orjson.dumps({"channel": "bench", "event": "tick", "data": {"n": n, "sent": time.time()}})
+        await http.fetch(HTTPRequest(f"http://127.0.0.1:{port}/api/events", method="POST", body=body,
+                                     headers={"Authorization": f"Bearer {token}"}))
+        await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.monotonic()))
+
+
 async def run(port: int, sockets: int, events: int, rate: float) -> dict[str, float]:
     token = jwt.encode({"sub": "bench", "tenant": "bench"}, SECRET, algorithm="HS256")
     await wait_ready(port)
@@ -63,13 +74,7 @@ async def run(port: int, sockets: int, events: int, rate: float) -> dict[str, fl
             latencies.append((arrived - frame["data"]["sent"]) * 1000)
 
     readers = [asyncio.ensure_future(reader(c)) for c in connections]
-    http = AsyncHTTPClient()
-    started = time.monotonic()
-    for n in range(events):
-        body = orjson.dumps({"channel": "bench", "event": "tick", "data": {"n": n, "sent": time.time()}})
-        await http.fetch(HTTPRequest(f"http://127.0.0.1:{port}/api/events", method="POST", body=body,
-                                     headers={"Authorization": f"Bearer {token}"}))
-        await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.monotonic()))
+    await post_events(port, token, events, rate)
     await asyncio.wait_for(asyncio.gather(*readers), 60)
     for connection in connections:
         connection.close()

@@ -1,9 +1,15 @@
 """The embedded default store: one SQLite file, shareable by several Eddy processes.
 
 ``sqlite:///relative/eddy.db`` or ``sqlite:////absolute/eddy.db``, with optional
-query options ``poll_interval`` (seconds between checks for other processes'
-commits, default 0.005) and ``busy_timeout`` (seconds to wait for another
-process's write lock, default 5).
+query options ``busy_timeout`` (seconds to wait for another process's write
+lock, default 5), ``safety_poll`` (seconds between reads of the feed that no
+wake-up asked for, default 2) and ``poll_interval`` (seconds between reads of
+the feed where the system cannot listen for other processes' commits, default
+0.005).
+
+How a watcher learns of a commit: at once from this process's writer; from
+another process through the doorbell beside the file (``storage/doorbell.py``,
+inotify); and, should a wake-up ever be missed, from the safety poll.
 
 Why it is safe to tail by position: SQLite admits one writer at a time and
 assigns ``AUTOINCREMENT`` positions inside the write transaction, so positions
@@ -44,6 +50,7 @@ from .base import (
     publication_key,
     scheduled_id_for,
 )
+from .doorbell import Doorbell
 
 T = TypeVar("T")
 
@@ -160,6 +167,7 @@ class SQLiteStorage(Storage):
         self.path = path
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         self.poll_interval = float(query.get("poll_interval", 0.005))
+        self.safety_poll = float(query.get("safety_poll", 2.0))
         self.busy_timeout = float(query.get("busy_timeout", 5.0))
         #: Transactions the writer committed; lets tests see group commit at work.
         self.transactions = 0
@@ -169,8 +177,13 @@ class SQLiteStorage(Storage):
         self._reader: sqlite3.Connection | None = None
         self._queue: asyncio.Queue[tuple[Callable[[sqlite3.Connection, float], Any], asyncio.Future[Any]]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        #: One event per running watcher, set after every local commit.
+        #: One event per running watcher, set after every commit that changed something (any process).
         self._wakeups: set[asyncio.Event] = set()
+        self._doorbell: Doorbell | None = None
+        #: Seconds a watcher waits for a wake-up before it reads the feed anyway.
+        self._watch_timeout = self.poll_interval
+        #: The writer connection's ``total_changes`` after the last batch.
+        self._changes_seen = 0
         self._appends_since_trim: BoundedCounts[tuple[str, str]] = BoundedCounts(TRIMMED_CHANNELS)
         self._epoch: str | None = None
         self._closed = True
@@ -189,6 +202,9 @@ class SQLiteStorage(Storage):
         except sqlite3.Error as exc:
             self._shutdown_pools()
             raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
+        self._doorbell = Doorbell(self.path)
+        listening = self._doorbell.listen(self._wake_watchers)
+        self._watch_timeout = self.safety_poll if listening else self.poll_interval
         self._queue = asyncio.Queue()
         self._closed = False
         loop = asyncio.get_running_loop()
@@ -238,6 +254,9 @@ class SQLiteStorage(Storage):
             if not future.done():
                 future.set_exception(StorageUnavailable("storage closed"))
         self._wake_watchers()  # so they notice the close
+        if self._doorbell is not None:
+            self._doorbell.close()
+            self._doorbell = None
         for connection, pool in ((self._writer, self._writer_pool), (self._reader, self._reader_pool)):
             if connection is not None and pool is not None:
                 await self._on(pool, connection.close)
@@ -297,7 +316,7 @@ class SQLiteStorage(Storage):
                     if not future.done():
                         future.set_exception(error)
                 continue
-            self._wake_watchers()
+            self._announce_commit()
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
@@ -645,12 +664,21 @@ class SQLiteStorage(Storage):
         for wakeup in self._wakeups:
             wakeup.set()
 
+    def _announce_commit(self) -> None:
+        """After a batch that changed rows: wake this process's watchers now and ring for the other processes."""
+        assert self._writer is not None and self._doorbell is not None
+        changes = self._writer.total_changes
+        if changes != self._changes_seen:
+            self._changes_seen = changes
+            self._wake_watchers()
+            self._doorbell.ring()
+
     async def watch(self, after: int) -> AsyncIterator[Event]:
         self._check_open()
         wakeup = asyncio.Event()
         self._wakeups.add(wakeup)
+        loop = asyncio.get_running_loop()
         try:
-            version = await self._read(self._data_version)
             while not self._closed:
                 wakeup.clear()
                 rows = await self._read(self._feed_after, after)
@@ -659,33 +687,16 @@ class SQLiteStorage(Storage):
                     after = event.position
                 if len(rows) == FEED_BATCH:
                     continue
-                # Wait for a local commit (read at once), or poll data_version,
-                # which changes when any other connection (another process, too)
-                # commits. A timer rather than asyncio.wait_for: on Python 3.11,
-                # wait_for can swallow a cancellation that lands as its timeout
-                # fires, and this loop runs 200 times a second.
-                loop = asyncio.get_running_loop()
-                polled = False
-
-                def poll() -> None:
-                    nonlocal polled
-                    polled = True
-                    wakeup.set()
-
-                while not self._closed:
-                    polled = False
-                    timer = loop.call_later(self.poll_interval, poll)
-                    try:
-                        await wakeup.wait()
-                    finally:
-                        timer.cancel()
-                    if not polled:
-                        break  # a local commit: read it at once
-                    wakeup.clear()
-                    current = await self._read(self._data_version)
-                    if current != version:
-                        version = current
-                        break
+                # Sleep until a commit wakes us (this process's writer, or another
+                # process's doorbell), or until the poll reads the feed anyway: the
+                # safety poll, or the fast poll where the doorbell cannot be heard.
+                # A timer rather than asyncio.wait_for: on Python 3.11, wait_for can
+                # swallow a cancellation that lands as its timeout fires.
+                timer = loop.call_later(self._watch_timeout, wakeup.set)
+                try:
+                    await wakeup.wait()
+                finally:
+                    timer.cancel()
         finally:
             self._wakeups.discard(wakeup)
         raise StorageUnavailable("sqlite storage was closed while watching")
@@ -696,7 +707,3 @@ class SQLiteStorage(Storage):
             f"SELECT {COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?", (after, FEED_BATCH)
         ).fetchall()
         return [_row_to_event(r) for r in rows]
-
-    def _data_version(self) -> int:
-        assert self._reader is not None
-        return self._reader.execute("PRAGMA data_version").fetchone()[0]

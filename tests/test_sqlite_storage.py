@@ -1,10 +1,9 @@
-"""SQLite specifics: group commit, another process's appends, a locked database."""
+"""SQLite specifics: group commit, another process's appends and how they wake the feed, a locked database."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 APPENDER = """
 import asyncio, sys
 from storage import EventDraft, open_storage
+from storage.doorbell import Doorbell
+if "--no-ring" in sys.argv:  # a process that commits and never rings: the wake-up path is broken
+    Doorbell.ring = lambda self: None
 async def main(url, count):
     store = open_storage(url)
     await store.open()
@@ -91,6 +93,61 @@ async def test_watch_sees_another_process_appends(url):
     assert await asyncio.wait_for(child.wait(), 30) == 0
     assert [e.data["n"] for e in received] == list(range(50))
     assert all(e.event == "remote" for e in received)
+    await feed.aclose()
+    await store.close()
+
+
+async def remote_appends(url: str, store, count: int, *flags: str) -> list:
+    """Append ``count`` events from another process; return the events ``store.watch`` yields (10 s at most)."""
+    feed = store.watch(await store.last_position())
+    received = []
+
+    async def take():
+        async for event in feed:
+            received.append(event)
+            if len(received) == count:
+                return
+
+    taking = asyncio.ensure_future(take())
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", APPENDER, url, str(count), *flags, cwd=ROOT,
+                                                 env={"PYTHONPATH": str(ROOT)})
+    assert await asyncio.wait_for(child.wait(), 30) == 0
+    try:
+        await asyncio.wait_for(taking, 10)
+    finally:
+        await feed.aclose()
+    return received
+
+
+@pytest.mark.parametrize("options, flags, inotify", [
+    ("safety_poll=600", (), True),  # only the doorbell can wake this feed
+    ("safety_poll=0.5", ("--no-ring",), True),  # the ring is missed: the safety poll still finds the events
+    ("safety_poll=600&poll_interval=0.01", ("--no-ring",), False),  # no inotify here: the feed polls fast
+], ids=["the-doorbell-wakes-the-feed", "a-missed-ring-is-caught-by-the-safety-poll", "without-inotify-it-polls"])
+@pytest.mark.gen_test(timeout=60)
+async def test_another_process_commit_reaches_the_feed(url, monkeypatch, options, flags, inotify):
+    if not inotify:
+        monkeypatch.setattr("storage.doorbell.INotify", None)
+    store = open_storage(f"{url}?{options}")
+    await store.open()
+    received = await remote_appends(url, store, 3, *flags)
+    assert [e.data["n"] for e in received] == [0, 1, 2]
+    await store.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_idle_feed_does_not_read_the_file(url, monkeypatch):
+    store = open_storage(url + "?safety_poll=600")
+    await store.open()
+    reads = []
+    original = store._feed_after
+    monkeypatch.setattr(store, "_feed_after", lambda after: reads.append(after) or original(after))
+    feed = store.watch(await store.last_position())
+    waiting = asyncio.ensure_future(feed.__anext__())
+    await asyncio.sleep(0.5)
+    assert len(reads) == 1  # the first read, then nothing until a commit
+    event = await store.append(EventDraft("acme", "orders", "local"))
+    assert (await asyncio.wait_for(waiting, 5)).position == event.position  # a local commit wakes it at once
     await feed.aclose()
     await store.close()
 
