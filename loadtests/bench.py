@@ -9,7 +9,10 @@ repeats), the harness:
 1. starts the server as a subprocess: Eddy (``python -m service serve`` on a
    temporary SQLite file, per-address and REST limits raised, one user per
    socket), or a peer from ``loadtests/peers/`` (seed 003 on Starlette/uvicorn,
-   python-socketio on uvicorn, plain ``websockets``);
+   python-socketio on uvicorn, plain ``websockets``), or **the floor**
+   (``loadtests/peers/floor.py``: one prepared frame, one bare ``os.write()`` per
+   socket, nothing else), against which every server is reported as a ratio
+   measured in the same repeat (``× the floor``: > 1 is slower or heavier);
 2. connects N WebSocket subscribers to one channel/room from ``--clients``
    load-generator processes (default 2, multiprocessing, each a uvloop event loop
    with a minimal RFC 6455 client: a raw ``asyncio.Protocol`` that parses server
@@ -40,7 +43,9 @@ its last arrival. Raw results go to ``loadtests/results/bench-<timestamp>.json``
 ``--profile DIR`` records each server with py-spy during the phases (set
 ``BENCH_PY_SPY_FLAGS=--native`` for C frames). ``--servers`` also accepts the
 experiments ``eddy-uvloop`` and ``eddy-nogc``: Eddy's code unchanged, run on
-uvloop or with the cyclic GC disabled.
+uvloop or with the cyclic GC disabled; and ``eddy-normal``: Eddy with SQLite
+``synchronous=normal`` (no fsync per commit). ``--profile-phases solo``
+profiles only the solo phase (where a lone event's time goes).
 """
 
 from __future__ import annotations
@@ -75,7 +80,9 @@ CHARTS = ROOT / "docs" / "benchmarks"
 SECRET = "bench-secret-bench-secret-bench-secret-0"
 CHANNEL = "bench"
 EVENT = "pedido_criado"
-ALL_SERVERS = ("eddy", "seed003", "socketio", "websockets")
+ALL_SERVERS = ("eddy", "seed003", "socketio", "websockets", "floor")
+#: The server every other one is measured against: one bare ``os.write()`` per socket per event.
+FLOOR = "floor"
 #: The rest of each event's data (seed 003's order fields); ``seq`` and ``sent`` are added per event.
 PAYLOAD = {"status_atual": "pendente", "cliente": "Nome do Cliente", "valor_total": "1000.00"}
 QUANTILES = 1001  # points of each run's latency quantile function kept in the JSON (for CDF charts)
@@ -492,6 +499,10 @@ def make_token(sub: str) -> str:
     return jwt.encode({"sub": sub, "tenant": "bench"}, SECRET, algorithm="HS256")
 
 
+#: Experiments with a documented setting changed, not in the default list: Eddy on another storage URL.
+STORAGE_VARIANTS = {
+    "eddy-normal": "?synchronous=normal",  # survives a crash of the process, not a power loss
+}
 #: Experiments, not in the default list: Eddy's code unchanged, one line run before ``eddy serve``.
 EXPERIMENTS = {
     "eddy-uvloop": "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())",
@@ -509,8 +520,9 @@ class ServerSpec:
     label: str
 
     def command(self, port: int, tmp: str) -> list[str]:
-        serve = ["serve", "--port", str(port), "--address", "127.0.0.1", "--storage", f"sqlite:///{tmp}/eddy.db"]
-        if self.name == "eddy":
+        storage = f"sqlite:///{tmp}/eddy.db{STORAGE_VARIANTS.get(self.name, '')}"
+        serve = ["serve", "--port", str(port), "--address", "127.0.0.1", "--storage", storage]
+        if self.name == "eddy" or self.name in STORAGE_VARIANTS:
             return [sys.executable, "-m", "service", *serve]
         if self.name in EXPERIMENTS:  # the same Eddy, unchanged, with one line run before it
             return [sys.executable, "-c", f"import sys; {EXPERIMENTS[self.name]}; sys.argv[0] = 'eddy'; "
@@ -545,12 +557,16 @@ SPECS = {
     "eddy": ServerSpec("eddy", "service", "json", "http", "/api/events", "Eddy (Tornado, SQLite)"),
     **{name: ServerSpec(name, "service", "json", "http", "/api/events", f"experiment: {line}")
        for name, line in EXPERIMENTS.items()},
+    **{name: ServerSpec(name, "service", "json", "http", "/api/events", f"experiment: storage URL …{query}")
+       for name, query in STORAGE_VARIANTS.items()},
     "seed003": ServerSpec("seed003", "loadtests.peers.seed003", "json", "http", "/pedidos",
                           "seed 003 (Starlette/uvicorn, await per socket)"),
     "socketio": ServerSpec("socketio", "loadtests.peers.socketio_peer", "engineio", "http", "/emit",
                            "python-socketio (ASGI/uvicorn)"),
     "websockets": ServerSpec("websockets", "loadtests.peers.websockets_peer", "json", "ws", "/publish",
                              "websockets.broadcast (uvloop)"),
+    FLOOR: ServerSpec(FLOOR, "loadtests.peers.floor", "json", "ws", "/publish",
+                      "the floor: one prepared frame, one bare os.write() per socket"),
 }
 
 
@@ -794,6 +810,7 @@ class RunConfig:
     stall: float
     connect_concurrency: int
     profile_dir: str | None = None
+    profile_phases: tuple[str, ...] = PHASES
     settle: float = 1.0  # seconds of quiet after starting the server and after connecting
 
     def counts(self) -> tuple[int, int, int]:
@@ -876,14 +893,15 @@ async def one_run(ctx: Context, spec: ServerSpec, config: RunConfig, repeat: int
         await publisher.start()
         await asyncio.sleep(config.settle)
         result["rss_connected"] = server.rss()
-        if config.profile_dir:
-            profiler = start_profiler(server, config, spec)
         split0 = server.cpu_split()
         phase_starts: list[float] = []
 
         async def measure(phase: int, publish) -> None:
             """Run one phase; record its start time and the server's and load generators' CPU seconds."""
+            nonlocal profiler
             name = PHASES[phase]
+            if config.profile_dir and name in config.profile_phases and profiler is None:
+                profiler = start_profiler(server, config, spec, f"{'+'.join(config.profile_phases)}-r{repeat + 1}")
             cpu0, gen0 = server.cpu(), await loadgen_cpu(generators)
             phase_starts.append(time.time())
             mono = time.monotonic()
@@ -893,6 +911,9 @@ async def one_run(ctx: Context, spec: ServerSpec, config: RunConfig, repeat: int
             result[f"{name}_complete"] = complete
             result[f"{name}_cpu_s"] = server.cpu() - cpu0
             result[f"loadgen_cpu_{name}_s"] = await loadgen_cpu(generators) - gen0
+            if profiler is not None and name == config.profile_phases[-1]:
+                stop_profiler(profiler)
+                profiler = None
 
         async def solo() -> bool:
             # One event at a time, the next once every socket has the previous one: the time an event takes to
@@ -925,9 +946,6 @@ async def one_run(ctx: Context, spec: ServerSpec, config: RunConfig, repeat: int
         await measure(2, burst)
         split1 = server.cpu_split()
         result["cpu_user_s"], result["cpu_system_s"] = split1[0] - split0[0], split1[1] - split0[1]
-        if profiler is not None:
-            stop_profiler(profiler)
-            profiler = None
         result["publish_statuses"] = {str(k): v for k, v in publisher.statuses.items()}
         result["publish_failures"] = publisher.failures[:10]
 
@@ -1018,13 +1036,13 @@ def summarize_run(result: dict[str, Any], reports: list[dict[str, Any]], starts:
 PY_SPY_EXTRA = os.environ.get("BENCH_PY_SPY_FLAGS", "").split()
 
 
-def start_profiler(server: ServerProcess, config: RunConfig, spec: ServerSpec) -> subprocess.Popen | None:
-    """py-spy (if installed) records the server during the measured phases; SIGINT makes it write its output."""
+def start_profiler(server: ServerProcess, config: RunConfig, spec: ServerSpec, label: str) -> subprocess.Popen | None:
+    """py-spy (if installed) records the server during the profiled phases; SIGINT makes it write its output."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         log("py-spy not found: no profile")
         return None
-    out = Path(config.profile_dir) / f"{spec.name}-{config.sockets}"
+    out = Path(config.profile_dir) / f"{spec.name}-{config.sockets}-{label}"
     out.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([py_spy, "record", "--pid", str(server.popen.pid), "--rate", "250", "--format", "raw", *PY_SPY_EXTRA,
                              "-o", f"{out}.txt"], stdout=subprocess.DEVNULL,
@@ -1082,7 +1100,7 @@ def fmt(value: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str]) -> str:
+def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], runs: list[dict[str, Any]]) -> str:
     out = []
     for sockets in sorted(summary, key=int):
         rows = summary[sockets]
@@ -1108,7 +1126,7 @@ def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str]) ->
                 f"{fmt(e.get('cpu_s_per_1k_sockets'), 2)} | {fmt(e.get('cpu_us_per_delivery'))} | "
                 f"{fmt(e.get('rss_peak_mib'))} | {fmt(e.get('rss_mib_per_1k_sockets'), 2)} |")
         eddy = rows.get("eddy")
-        peers = [s for s in servers if s != "eddy" and rows.get(s, {}).get("runs")]
+        peers = [s for s in servers if s not in ("eddy", FLOOR) and rows.get(s, {}).get("runs")]
         if eddy and eddy.get("runs") and peers:
             out.append("\nEddy's ratio to each peer (> 1 means Eddy is better):\n")
             out.append("| peer | one event → all sockets (server ts) peer ÷ Eddy | deliveries/s (burst) Eddy ÷ peer | "
@@ -1125,6 +1143,7 @@ def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str]) ->
                     f"{ratio(p.get('burst_e2e_p99_ms'), eddy.get('burst_e2e_p99_ms'))} | "
                     f"{ratio(p.get('cpu_us_per_delivery'), eddy.get('cpu_us_per_delivery'))} | "
                     f"{ratio(p.get('rss_mib_per_1k_sockets'), eddy.get('rss_mib_per_1k_sockets'))} |")
+    out.append(floor_table(runs, servers))
     return "\n".join(out)
 
 
@@ -1132,6 +1151,61 @@ def ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b <= 0:
         return "–"
     return f"{a / b:.2f}×"
+
+
+#: What each server is compared on against the floor: (label, metric, True when higher is better).
+FLOOR_METRICS = (
+    ("one event → all sockets (solo p50)", "solo_event_to_last_socket_p50_ms", False),
+    ("CPU per delivery", "cpu_us_per_delivery", False),
+    ("steady p99 (server ts)", "steady_latency_p99_ms", False),
+    ("burst deliveries/s", "burst_deliveries_per_s", True),
+    ("RSS per socket", "rss_mib_per_1k_sockets", False),
+)
+
+
+def floor_ratios(runs: list[dict[str, Any]], sockets: int, server: str) -> dict[str, list[float]]:
+    """Per repeat, ``server``'s cost over the floor's in that same repeat (> 1: slower or heavier than the floor).
+
+    For deliveries/s, where more is better, the floor's figure over the server's, so > 1 still means worse.
+    """
+    def by_repeat(name: str) -> dict[int, dict[str, Any]]:
+        return {r["repeat"]: r for r in runs if r.get("ok") and r["sockets"] == sockets and r["server"] == name}
+
+    mine, floor = by_repeat(server), by_repeat(FLOOR)
+    ratios: dict[str, list[float]] = {metric: [] for _, metric, _ in FLOOR_METRICS}
+    for repeat in sorted(mine.keys() & floor.keys()):
+        for _, metric, higher_is_better in FLOOR_METRICS:
+            value, floor_value = mine[repeat].get(metric), floor[repeat].get(metric)
+            if value and floor_value:
+                ratios[metric].append(floor_value / value if higher_is_better else value / floor_value)
+    return ratios
+
+
+def spread(values: list[float]) -> str:
+    """``2.50× (1.15–3.70)``: the median and the range of per-repeat ratios."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}×"
+    return f"{statistics.median(values):.2f}× ({min(values):.2f}–{max(values):.2f})"
+
+
+def floor_table(runs: list[dict[str, Any]], servers: list[str]) -> str:
+    """Every server × the floor, per socket count: each repeat's ratio to the floor run beside it."""
+    counts = sorted({r["sockets"] for r in runs if r.get("ok") and r["server"] == FLOOR})
+    if not counts:
+        return ""
+    out = [("\n### × the floor (per repeat, against the floor run in the same repeat; median (min–max);"
+            " > 1 = slower or heavier)\n"),
+           "| sockets | server | " + " | ".join(label for label, _, _ in FLOOR_METRICS) + " |",
+           "| ---: | --- |" + " ---: |" * len(FLOOR_METRICS)]
+    for sockets in counts:
+        for server in servers:
+            ratios = floor_ratios(runs, sockets, server)
+            if server != FLOOR and any(ratios.values()):
+                out.append(f"| {sockets:,} | {server} | "
+                           + " | ".join(spread(ratios[metric]) for _, metric, _ in FLOOR_METRICS) + " |")
+    return "\n".join(out)
 
 
 def charts(summary: dict[str, dict[str, dict[str, Any]]], runs: list[dict[str, Any]], servers: list[str],
@@ -1201,6 +1275,33 @@ def charts(summary: dict[str, dict[str, dict[str, Any]]], runs: list[dict[str, A
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(str(path))
+
+    floor_counts = sorted({r["sockets"] for r in runs if r.get("ok") and r["server"] == FLOOR})
+    if floor_counts:
+        fig, axes = plt.subplots(1, len(FLOOR_METRICS), figsize=(4 * len(FLOOR_METRICS), 4), sharey=True)
+        for ax, (label, metric, _) in zip(axes, FLOOR_METRICS):
+            for server in servers:
+                points = [(count, floor_ratios(runs, count, server)[metric]) for count in floor_counts]
+                points = [(count, values) for count, values in points if values and server != FLOOR]
+                if points:
+                    medians = [statistics.median(values) for _, values in points]
+                    ax.errorbar([count for count, _ in points], medians, marker="o", capsize=3, label=server,
+                                yerr=[[m - min(v) for m, (_, v) in zip(medians, points)],
+                                      [max(v) - m for m, (_, v) in zip(medians, points)]])
+            ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+            ax.set_xscale("log")
+            ax.set_xticks(floor_counts)
+            ax.set_xticklabels([f"{c:,}" for c in floor_counts])
+            ax.set_title(label, fontsize="medium")
+            ax.set_xlabel("sockets")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].set_ylabel("× the floor (median, min–max of repeats; 1 = the floor)")
+        axes[0].legend(fontsize="small")
+        path = CHARTS / "bench-floor-ratio.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
     return written
 
 
@@ -1238,7 +1339,8 @@ async def main_async(args: argparse.Namespace) -> int:
         for sockets in args.sockets:
             config = RunConfig(sockets=sockets, rate=args.rate, duration=args.duration, burst=args.burst,
                                solo=args.solo, stall=args.stall, connect_concurrency=args.connect_concurrency,
-                               profile_dir=args.profile, settle=0.3 if args.smoke else 1.0)
+                               profile_dir=args.profile, profile_phases=args.profile_phases,
+                               settle=0.3 if args.smoke else 1.0)
             for repeat in range(args.repeats):
                 shift = repeat % len(servers)
                 for server in servers[shift:] + servers[:shift]:
@@ -1271,7 +1373,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "summary": summary, "runs": ctx.runs,
     }
     out.write_text(json.dumps(document, indent=1))
-    print(tables(summary, servers))
+    print(tables(summary, servers, ctx.runs))
     print(f"\nresults: {display(out)}")
     if args.charts:
         for path in charts(summary, ctx.runs, servers, args.cdf_sockets):
@@ -1304,12 +1406,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="results file (default loadtests/results/bench-<timestamp>.json)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="record each server with py-spy during the measured phases (raw stacks into DIR)")
+    parser.add_argument("--profile-phases", default=",".join(PHASES), metavar="PHASES",
+                        help="which phases --profile records, in order (solo: a lone event's fan-out alone)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.sockets, args.rate, args.duration, args.burst, args.solo, args.repeats = "50", 10.0, 2.0, 10, 3, 1
         args.servers, args.charts = ",".join(ALL_SERVERS), False
     args.sockets = [int(s) for s in str(args.sockets).split(",") if s]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.profile_phases = tuple(p for p in PHASES if p in args.profile_phases.split(","))
     unknown = [s for s in args.servers if s not in SPECS]
     if unknown:
         parser.error(f"unknown servers: {', '.join(unknown)} (known: {', '.join(SPECS)})")
@@ -1322,7 +1427,7 @@ def report(path: str, charts_too: bool, cdf_sockets: int | None) -> int:
     runs = document["runs"]
     order = [s for s in document["args"]["servers"]]
     summary = summarize(runs)
-    print(tables(summary, order))
+    print(tables(summary, order, runs))
     if charts_too:
         for chart in charts(summary, runs, order, cdf_sockets):
             print(f"chart: {display(Path(chart))}")

@@ -18,6 +18,8 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
@@ -26,37 +28,48 @@ from loadtests.peers import iso_timestamp
 CLIENTS: set[ServerConnection] = set()
 
 
+def stamped(raw: str | bytes) -> str:
+    """The broadcast message for a publisher's ``{"event": …, "data": …}``, stamped with the server time."""
+    body = json.loads(raw)
+    return json.dumps({"event": body["event"], "timestamp": iso_timestamp(time.time()), "data": body.get("data")})
+
+
+def connected() -> str:
+    return json.dumps({"type": "connected", "timestamp": iso_timestamp(time.time())})
+
+
 async def handler(websocket: ServerConnection) -> None:
     if websocket.request.path == "/publish":
         async for raw in websocket:
-            body = json.loads(raw)
-            message = {"event": body["event"], "timestamp": iso_timestamp(time.time()), "data": body.get("data")}
-            broadcast(CLIENTS, json.dumps(message))
+            broadcast(CLIENTS, stamped(raw))
         return
     CLIENTS.add(websocket)
     try:
-        await websocket.send(json.dumps({"type": "connected", "timestamp": iso_timestamp(time.time())}))
+        await websocket.send(connected())
         await websocket.wait_closed()
     finally:
         CLIENTS.discard(websocket)
 
 
-async def run(host: str, port: int) -> None:
-    async with serve(handler, host, port) as server:
+async def run(handler: Callable[[ServerConnection], Awaitable[None]], host: str, port: int,
+              **options: Any) -> None:
+    async with serve(handler, host, port, **options) as server:
         await server.serve_forever()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(handler: Callable[[ServerConnection], Awaitable[None]] = handler, doc: str | None = __doc__,
+         **options: Any) -> None:
+    """Parse ``--port``/``--host`` and serve ``handler`` on uvloop (asyncio's loop when uvloop is missing)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8003)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
     try:
         import uvloop
     except ImportError:
-        asyncio.run(run(args.host, args.port))
+        asyncio.run(run(handler, args.host, args.port, **options))
     else:
-        uvloop.run(run(args.host, args.port))
+        uvloop.run(run(handler, args.host, args.port, **options))
 
 
 if __name__ == "__main__":
