@@ -1,8 +1,10 @@
 """The embedded default store: one SQLite file, shareable by several Eddy processes.
 
 ``sqlite:///relative/eddy.db`` or ``sqlite:////absolute/eddy.db``, with optional
-query options ``busy_timeout`` (seconds to wait for another process's write
-lock, default 5), ``safety_poll`` (seconds between reads of the feed that no
+query options ``synchronous`` (``full``, the default: an acknowledged event
+survives a power loss; ``normal``: it survives a crash of the process, not of
+the machine; see docs/ARCHITECTURE.md), ``busy_timeout`` (seconds to wait for
+another process's write lock, default 5), ``safety_poll`` (seconds between reads of the feed that no
 wake-up asked for, default 2) and ``poll_interval`` (seconds between reads of
 the feed where the system cannot listen for other processes' commits, default
 0.005).
@@ -169,6 +171,9 @@ class SQLiteStorage(Storage):
         self.poll_interval = float(query.get("poll_interval", 0.005))
         self.safety_poll = float(query.get("safety_poll", 2.0))
         self.busy_timeout = float(query.get("busy_timeout", 5.0))
+        self.synchronous = query.get("synchronous", "full").upper()
+        if self.synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be full or normal, got {query['synchronous']!r}")
         #: Transactions the writer committed; lets tests see group commit at work.
         self.transactions = 0
         self._writer_pool: ThreadPoolExecutor | None = None
@@ -238,7 +243,9 @@ class SQLiteStorage(Storage):
                         connection.close()
                         raise
                     time.sleep(0.02)
-            connection.execute("PRAGMA synchronous = FULL")  # an acknowledged event survives power loss
+            # FULL: an acknowledged event survives power loss (fsync at every commit). NORMAL, in WAL mode:
+            # it survives a crash of the process; the last commits may be lost with the machine's power.
+            connection.execute(f"PRAGMA synchronous = {self.synchronous}")
         return connection
 
     async def close(self) -> None:

@@ -196,3 +196,17 @@ async def test_trim_counters_are_bounded_and_a_forgotten_channel_is_trimmed(url,
         await asyncio.sleep(0.02)
     assert [e.data["n"] for e in page.events] == list(range(10, 60)) and page.lost
     await store.close()
+
+
+@pytest.mark.parametrize("query, level", [("", 2), ("?synchronous=full", 2), ("?synchronous=normal", 1)])
+@pytest.mark.gen_test
+async def test_synchronous_is_full_unless_asked(url, query, level):
+    store = open_storage(url + query)
+    await store.open()
+    assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == level  # 2 FULL, 1 NORMAL
+    await store.close()
+
+
+def test_synchronous_takes_full_or_normal_only(url):
+    with pytest.raises(ValueError, match="synchronous"):
+        open_storage(url + "?synchronous=off")
