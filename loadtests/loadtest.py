@@ -6,10 +6,13 @@
 
 Starts ``eddy serve`` on a temporary SQLite file (random ``EDDY_JWT_SECRET``, per-address socket limit raised,
 a channel rule without presence for the test channels), runs Locust headless with ``loadtests/locustfile.py``
-(one process, or a master and ``--workers`` worker processes) ramping to ``--users`` subscribers plus one
-publisher. The publisher starts once every subscriber has joined, publishes for ``--duration`` seconds and stops;
-after ``--drain`` seconds the test ends. Locust's CSV and HTML reports and a JSON summary go to
-``loadtests/results/``. Exit status 0 when every target is met, 1 when one is missed, 2 when the run itself
+(a master and one worker process per core, or one process for the smoke profile) ramping to ``--users``
+subscribers plus one publisher. The publisher starts once every subscriber has joined, publishes for ``--duration`` seconds and stops;
+after ``--drain`` seconds the test ends. Then the same profile runs against **the floor**
+(``loadtests/peers/floor.py``: one bare ``os.write()`` per socket per event, nothing else; ``--no-floor`` skips it)
+and the summary shows Eddy ÷ floor, beside the load generator's own saturation (CPU of each Locust process, frames
+each worker read per second): a latency measured by a saturated generator is the generator's. Locust's CSV and
+HTML reports and a JSON summary go to ``loadtests/results/``. Exit status 0 when every target is met, 1 when one is missed, 2 when the run itself
 failed (server or Locust did not start, no summary).
 
 Targets: p99 WebSocket delivery latency (arrival − the event's store timestamp) ≤ ``--p99-target`` ms (100),
@@ -67,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="one: every subscriber joins every channel; spread: one channel each")
     parser.add_argument("--sample", type=int, default=1, help="report 1 in K frames to Locust (all are counted)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="Locust worker processes beside a master (0: one local process; default 0 up to 1,000 "
-                             "users, else 1). One process reads ~30,000 frames/s on one core")
+                        help="Locust worker processes beside a master (0: one local process; default: one per core)")
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the same profile against the floor (loadtests/peers/floor.py) and report Eddy ÷ floor")
     parser.add_argument("--drain", type=float, default=5, help="seconds between the last event and the end")
     parser.add_argument("--publish-delay", type=float, default=2,
                         help="idle seconds after every subscriber joined (the idle-socket memory sample)")
@@ -91,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.spawn_rate is None:
         args.spawn_rate = min(args.users, 250)
     if args.workers is None:
-        args.workers = 0 if args.users <= 1000 else 1
+        args.workers = os.cpu_count() or 1
     if args.name is None:
         args.name = "smoke" if args.smoke else f"u{args.users}-r{args.publish_rate:g}-{args.shape}{args.channels}"
     return args
@@ -100,7 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Server ---------------------------------------------------------------------------------------------------------
 
 
-def start_server(tmp: Path, port: int, secret: str, args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
+def start_server(tmp: Path, port: int, secret: str, args: argparse.Namespace, log_path: Path,
+                 target: str = "eddy") -> subprocess.Popen:
+    log = open(log_path, "wb")
+    if target == "floor":
+        return subprocess.Popen([sys.executable, "-m", "loadtests.peers.floor", "--port", str(port)],
+                                env=os.environ | {"PYTHONPATH": str(ROOT)}, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     config = tmp / "eddy.toml"
     config.write_text(
         "# written by loadtests/loadtest.py\n"
@@ -116,7 +126,6 @@ def start_server(tmp: Path, port: int, secret: str, args: argparse.Namespace, lo
         # Every socket comes from 127.0.0.1: the per-address limit (1,000) would refuse the rest with 429.
         "EDDY_MAX_CONNECTIONS_PER_IP": str(max(1000, args.users * 2 + 100)),
     }
-    log = open(log_path, "wb")
     return subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--port", str(port), "--address", "127.0.0.1",
          "--storage", f"sqlite:///{tmp}/eddy.db", "--config", str(config),
@@ -125,19 +134,23 @@ def start_server(tmp: Path, port: int, secret: str, args: argparse.Namespace, lo
     )
 
 
-def wait_ready(port: int, server: subprocess.Popen, timeout: float = 30) -> None:
+def wait_ready(port: int, server: subprocess.Popen, timeout: float = 30, target: str = "eddy") -> None:
+    """Until Eddy's /readyz answers 200 (the floor, which serves no HTTP: until it accepts a connection)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"eddy exited with {server.returncode} before it was ready")
+            raise RuntimeError(f"{target} exited with {server.returncode} before it was ready")
         try:
+            if target == "floor":
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
                 if response.status == 200:
                     return
         except Exception:
             pass
         time.sleep(0.1)
-    raise TimeoutError("eddy did not become ready")
+    raise TimeoutError(f"{target} did not become ready")
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
@@ -177,17 +190,15 @@ def histogram_share_over(values: dict[str, float], name: str, limit: float) -> f
 
 
 class Monitor(threading.Thread):
-    """Samples the server's RSS and CPU (all its processes), its /metrics, and the load generator's CPU."""
+    """Samples the server's RSS and CPU (all its processes) and the load generator's CPU; reads /metrics at the end."""
 
-    def __init__(self, server_pid: int, port: int, subscribers: int) -> None:
+    def __init__(self, server_pid: int, port: int) -> None:
         super().__init__(daemon=True)
         self.server = psutil.Process(server_pid)
         self.port = port
-        self.subscribers = subscribers
         self.generators: list[psutil.Process] = []
         self.samples: list[dict[str, Any]] = []
         self.baseline_rss = self.server_usage()[0]
-        self.idle: dict[str, Any] | None = None
         self.stopped = threading.Event()
 
     def server_usage(self) -> tuple[int, float]:
@@ -216,16 +227,7 @@ class Monitor(threading.Thread):
             sample = {"t": time.time(), "rss": rss, "cpu": cpu, "generators": generator_cpu,
                       "machine_busy": machine.user + machine.system + machine.nice + getattr(machine, "irq", 0)
                       + getattr(machine, "softirq", 0), "machine_total": sum(machine)}
-            try:
-                metrics = scrape(self.port)
-                sample["connections"] = int(metrics.get("eddy_connections", 0))
-                sample["deliveries"] = int(metrics.get("eddy_deliveries_total", 0))
-            except Exception:
-                pass
             self.samples.append(sample)
-            if (self.idle is None and sample.get("connections", 0) >= self.subscribers
-                    and sample.get("deliveries", 1) == 0):
-                self.idle = sample
 
     def server_metrics(self) -> dict[str, Any]:
         """Eddy's own view: time to queue an event on every socket, store-to-fan-out delay, drops."""
@@ -252,24 +254,26 @@ class Monitor(threading.Thread):
         out["deliveries"] = int(values.get("eddy_deliveries_total", 0))
         return out
 
-    def window(self) -> dict[str, Any]:
-        """Server and generator CPU while deliveries were growing."""
-        growing = [s for s in self.samples if "deliveries" in s]
-        first = next((s for s in growing if s["deliveries"] > 0), None)
-        last = None
-        for previous, current in zip(growing, growing[1:]):
-            if current["deliveries"] > previous["deliveries"]:
-                last = current
-        if first is None or last is None or last["t"] - first["t"] < 0.5:
+    def before(self, moment: float) -> dict[str, Any] | None:
+        """The last sample taken before ``moment``: every subscriber joined, nothing published yet."""
+        return next((s for s in reversed(self.samples) if s["t"] < moment), None)
+
+    def window(self, start: float | None, end: float | None) -> dict[str, Any]:
+        """Server, Locust and machine CPU between two moments (the first and the last publish)."""
+        if start is None or end is None:
             return {}
+        inside = [s for s in self.samples if start <= s["t"] <= end + 1.0]
+        if len(inside) < 2 or inside[-1]["t"] - inside[0]["t"] < 0.5:
+            return {}
+        first, last = inside[0], inside[-1]
         seconds = last["t"] - first["t"]
-        out: dict[str, Any] = {"seconds": round(seconds, 1),
-                               "deliveries_per_s": round((last["deliveries"] - first["deliveries"]) / seconds),
+        out: dict[str, Any] = {"seconds": round(seconds, 1), "server_cpu_s": round(last["cpu"] - first["cpu"], 2),
                                "server_cpu_pct": round(100 * (last["cpu"] - first["cpu"]) / seconds, 1)}
         per = []
         for a, b in zip(first["generators"], last["generators"]):
             per.append(round(100 * (b - a) / seconds, 1) if a is not None and b is not None else None)
         out["generator_cpu_pct"] = per
+        out["generator_pids"] = [process.pid for process in self.generators]
         total = last["machine_total"] - first["machine_total"]
         busy = last["machine_busy"] - first["machine_busy"]
         out["machine_busy_pct"] = round(100 * busy / total, 1) if total else None
@@ -329,8 +333,10 @@ def merge_summaries(paths: list[Path]) -> dict[str, Any]:
     publishers: list[dict] = []
     subscribers: list[dict] = []
     per_event: dict[tuple[str, int], list[float]] = {}
+    received_per_node: dict[str, int] = {}
     for path in paths:
         node = json.loads(path.read_text())
+        received_per_node[node["node"]] = sum(s["received"] for s in node["subscribers"])
         publishers += node["publishers"]
         subscribers += node["subscribers"]
         for pub, seq, n, total, worst in node.get("per_event", []):
@@ -343,6 +349,7 @@ def merge_summaries(paths: list[Path]) -> dict[str, Any]:
         for channel, count in publisher["per_channel"].items():
             published_to[channel] = published_to.get(channel, 0) + count
     first_sent = min((p["first_sent"] for p in publishers if p["first_sent"]), default=None)
+    last_sent = max((p["last_sent"] for p in publishers if p["last_sent"]), default=None)
     expected = received = unique = duplicates = out_of_order = lost = extra = 0
     failed = closed = late = errors = 0
     lost_by: list[tuple[str, int]] = []
@@ -374,6 +381,9 @@ def merge_summaries(paths: list[Path]) -> dict[str, Any]:
         "gate_timed_out": any(p["gate_timed_out"] for p in publishers),
         "gate_waited_s": max((p["gate_waited_s"] or 0 for p in publishers), default=None),
         "publishers": len(publishers),
+        "first_sent": first_sent,
+        "last_sent": last_sent,
+        "received_per_node": received_per_node,
         "subscribers": len(subscribers),
         "connect_failed": failed,
         "connect_failures_sample": [s["failed"] for s in subscribers if s["failed"]][:5],
@@ -406,11 +416,20 @@ def main(argv: list[str] | None = None) -> int:
     gitignore = results / ".gitignore"
     if results.resolve() == RESULTS.resolve() and not gitignore.exists():
         gitignore.write_text("*\n!.gitignore\n")
-    prefix = results / args.name
-    nodes_dir = results / f"{args.name}.nodes"
+    status, summary = run_profile(args, "eddy", args.name, results)
+    if args.floor and args.shape == "one" and summary is not None:  # the floor has one broadcast: no spread
+        _, floor = run_profile(args, "floor", f"{args.name}-floor", results)
+        compare_with_floor(summary, floor, results / f"{args.name}_summary.json")
+    return status
+
+
+def run_profile(args: argparse.Namespace, target: str, name: str, results: Path) -> tuple[int, dict[str, Any] | None]:
+    """One server (``eddy`` or ``floor``) under the profile: its exit status (0 met, 1 missed, 2 failed) and summary."""
+    prefix = results / name
+    nodes_dir = results / f"{name}.nodes"
     shutil.rmtree(nodes_dir, ignore_errors=True)
     nodes_dir.mkdir()
-    for stale in results.glob(f"{args.name}_*.csv"):
+    for stale in results.glob(f"{name}_*.csv"):
         stale.unlink()
 
     secret = secrets.token_urlsafe(32)
@@ -419,26 +438,27 @@ def main(argv: list[str] | None = None) -> int:
     gate_timeout = 2 * ramp + 60
     ceiling = gate_timeout + args.publish_delay + args.duration + args.drain + 60
     started = time.time()
-    print(f"eddy loadtest {args.name}: {args.users} subscribers ({args.shape}, {args.channels} channel(s)), "
+    print(f"{target} loadtest {name}: {args.users} subscribers ({args.shape}, {args.channels} channel(s)), "
           f"{args.publish_rate:g} event/s for {args.duration:g} s, {args.event_size} B, "
           f"locust {'1 process' if args.workers <= 0 else f'master + {args.workers} workers'}", flush=True)
 
     processes: list[subprocess.Popen] = []
     monitor = None
-    status = 2
+    outcome: tuple[int, dict[str, Any] | None] = (2, None)
     with tempfile.TemporaryDirectory(prefix="eddy-loadtest-") as tmp:
-        server = start_server(Path(tmp), port, secret, args, results / f"{args.name}_server.log")
+        server = start_server(Path(tmp), port, secret, args, results / f"{name}_server.log", target)
         try:
-            wait_ready(port, server)
-            monitor = Monitor(server.pid, port, args.users)
+            wait_ready(port, server, target=target)
+            monitor = Monitor(server.pid, port)
             head, workers = locust_commands(args, port, prefix, nodes_dir / "node", gate_timeout, ceiling)
+            head += ["--eddy-target", target]
             env = os.environ | {"EDDY_JWT_SECRET": secret, "PYTHONPATH": str(ROOT)}
-            log = open(results / f"{args.name}_locust.log", "wb")
+            log = open(results / f"{name}_locust.log", "wb")
             master = subprocess.Popen(head, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
             processes.append(master)
             for index, command in enumerate(workers):
-                worker_log = open(results / f"{args.name}_worker{index + 1}.log", "wb")
+                worker_log = open(results / f"{name}_worker{index + 1}.log", "wb")
                 processes.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=worker_log,
                                                   stderr=subprocess.STDOUT, start_new_session=True))
             monitor.generators = [psutil.Process(p.pid) for p in processes]
@@ -455,25 +475,67 @@ def main(argv: list[str] | None = None) -> int:
                 stop_process(process, 10)
             monitor.stopped.set()
             monitor.join(5)
-            status = report(args, prefix, nodes_dir, monitor, monitor.server_metrics(), started)
+            outcome = report(args, name, target, prefix, nodes_dir, monitor, monitor.server_metrics(), started)
         except Exception as exc:
             print(f"loadtest failed to run: {type(exc).__name__}: {exc}", flush=True)
-            status = 2
         finally:
             for process in processes:
                 stop_process(process, 5)
             stop_process(server)
             if server.returncode not in (0, -signal.SIGTERM):
-                print(f"eddy exited with {server.returncode}; see {results / (args.name + '_server.log')}")
-    return status
+                print(f"{target} exited with {server.returncode}; see {results / (name + '_server.log')}")
+    return outcome
 
 
-def report(args: argparse.Namespace, prefix: Path, nodes_dir: Path, monitor: Monitor, server_metrics: dict[str, Any],
-           started: float) -> int:
+#: What Eddy ÷ floor compares: (label, key in a summary's "headline", True when higher is better).
+FLOOR_RATIOS = (
+    ("WS latency p50", "p50_ms", False),
+    ("WS latency p99", "p99_ms", False),
+    ("server CPU per delivery", "server_cpu_us_per_delivery", False),
+    ("server RSS per idle socket", "kib_per_idle_socket", False),
+)
+
+
+def compare_with_floor(eddy: dict[str, Any], floor: dict[str, Any] | None, path: Path) -> None:
+    """Print Eddy ÷ floor (> 1: Eddy slower or heavier) and add it to Eddy's summary file."""
+    if floor is None:
+        print("  ! the floor run failed: no Eddy ÷ floor", flush=True)
+        return
+    ratios: dict[str, float | None] = {}
+    lines = ["", "Eddy ÷ floor, same profile (> 1: Eddy slower or heavier; Locust's own load beside each figure)"]
+    for label, key, _ in FLOOR_RATIOS:
+        mine, theirs = eddy["headline"].get(key), floor["headline"].get(key)
+        ratios[key] = round(mine / theirs, 2) if mine and theirs else None
+        shown = "n/a" if ratios[key] is None else f"{ratios[key]:.2f}×"
+        lines.append(f"  {label:<33} {str(mine):>10} ÷ {str(theirs):<10} = {shown}")
+    for run, summary in (("eddy", eddy), ("floor", floor)):
+        lines.append(f"  load generator during {run:<5} {summary['headline']['generator']}")
+    print("\n".join(lines), flush=True)
+    eddy["floor"] = {"name": floor["name"], "headline": floor["headline"], "eddy_over_floor": ratios}
+    path.write_text(json.dumps(eddy, indent=2, default=str))
+
+
+def generator_load(window: dict[str, Any], totals: dict[str, Any]) -> str:
+    """CPU % of each Locust process and the frames each worker read per second, e.g. ``master 3 %, w1 71 % 2,480/s``."""
+    if not window:
+        return "n/a"
+    frames = {int(node.rsplit("-", 2)[1]): count for node, count in totals["received_per_node"].items()}
+    parts = []
+    for index, (pid, cpu) in enumerate(zip(window["generator_pids"], window["generator_cpu_pct"])):
+        label = "master" if index == 0 and len(window["generator_pids"]) > 1 else f"w{index}" if index else "locust"
+        part = f"{label} {'?' if cpu is None else f'{cpu:g}'} % CPU"
+        if pid in frames:
+            part += f" {frames[pid] / window['seconds']:,.0f} frames/s"
+        parts.append(part)
+    return ", ".join(parts)
+
+
+def report(args: argparse.Namespace, name: str, target: str, prefix: Path, nodes_dir: Path, monitor: Monitor,
+           server_metrics: dict[str, Any], started: float) -> tuple[int, dict[str, Any] | None]:
     paths = sorted(nodes_dir.glob("*.json"))
     if not paths:
         print("no summary was written by the Locust processes: see the *_locust.log / *_worker*.log files")
-        return 2
+        return 2, None
     totals = merge_summaries(paths)
     stats = read_locust_stats(prefix)
     ws = stats["rows"].get(("WS", EVENT))
@@ -481,14 +543,18 @@ def report(args: argparse.Namespace, prefix: Path, nodes_dir: Path, monitor: Mon
     post = stats["rows"].get(("POST", "/api/events"))
     aggregated = stats["rows"].get(("", "Aggregated"))
     p50, p99, p_max = number(ws, "50%"), number(ws, "99%"), number(ws, "100%")
-    window = monitor.window()
-    idle = monitor.idle
+    window = monitor.window(totals["first_sent"], totals["last_sent"])
+    if window:
+        window["deliveries_per_s"] = round(totals["unique"] / max(totals["last_sent"] - totals["first_sent"], 1e-3))
+    # Memory with every subscriber joined, just before the first event.
+    idle = monitor.before(totals["first_sent"]) if totals["first_sent"] else None
+    connected = totals["subscribers"] - totals["connect_failed"]
     peak_rss = max((s["rss"] for s in monitor.samples), default=monitor.baseline_rss)
     per_socket_kib = None
-    if idle and idle.get("connections"):
-        per_socket_kib = (idle["rss"] - monitor.baseline_rss) / idle["connections"] / 1024
+    if idle and connected:
+        per_socket_kib = (idle["rss"] - monitor.baseline_rss) / connected / 1024
     saturated = []
-    for log in sorted(prefix.parent.glob(f"{args.name}_*.log")):
+    for log in sorted(prefix.parent.glob(f"{name}_*.log")):
         text = log.read_text(errors="replace")
         if re.search(r"CPU usage (above|was too high)", text):
             saturated.append(log.name)
@@ -504,8 +570,10 @@ def report(args: argparse.Namespace, prefix: Path, nodes_dir: Path, monitor: Mon
     }
     passed = all(checks.values())
     elapsed = time.time() - started
+    cpu_per_delivery = (round(window["server_cpu_s"] / totals["unique"] * 1e6, 1)
+                        if window and totals["unique"] else None)
     summary = {
-        "name": args.name, "passed": passed, "checks": checks, "elapsed_s": round(elapsed, 1),
+        "name": name, "target": target, "passed": passed, "checks": checks, "elapsed_s": round(elapsed, 1),
         "profile": {k: getattr(args, k) for k in ("users", "spawn_rate", "duration", "publish_rate", "event_size",
                                                    "channels", "shape", "sample", "workers", "drain", "smoke",
                                                    "p99_target", "server_processes")},
@@ -516,9 +584,13 @@ def report(args: argparse.Namespace, prefix: Path, nodes_dir: Path, monitor: Mon
         "failed_connections": failed_connections,
         "locust_failures": int(number(aggregated, "Failure Count") or 0),
         "locust_failure_rows": stats["failures"][:10],
+        # What Eddy ÷ floor compares, and the load generator's own load beside it.
+        "headline": {"p50_ms": p50, "p99_ms": p99, "server_cpu_us_per_delivery": cpu_per_delivery,
+                     "kib_per_idle_socket": round(per_socket_kib, 1) if per_socket_kib is not None else None,
+                     "generator": generator_load(window, totals)},
         "server": {"baseline_rss_mib": round(monitor.baseline_rss / MIB, 1),
                    "idle_rss_mib": round(idle["rss"] / MIB, 1) if idle else None,
-                   "idle_connections": idle.get("connections") if idle else None,
+                   "idle_connections": connected if idle else None,
                    "peak_rss_mib": round(peak_rss / MIB, 1),
                    "kib_per_idle_socket": round(per_socket_kib, 1) if per_socket_kib is not None else None},
         "publishing_window": window,
@@ -543,6 +615,7 @@ def report(args: argparse.Namespace, prefix: Path, nodes_dir: Path, monitor: Mon
         ("deliveries expected / received", f"{totals['expected_deliveries']:,} / {totals['unique']:,}", "", None),
         ("WS latency p50 / max", f"{ms(p50)} / {ms(p_max)}", "", None),
         ("WS latency p99", ms(p99), f"<= {args.p99_target:g} ms", checks["p99_latency"]),
+        ("  measured by (load generator)", summary["headline"]["generator"], "", None),
         ("failed connections", f"{failed_connections:,}", "0", checks["failed_connections"]),
         ("failed requests / error frames", f"{other_failures:,}", "0", checks["failed_requests"]),
         ("lost events", f"{totals['lost']:,}", "0", checks["lost_events"]),
@@ -554,18 +627,18 @@ def report(args: argparse.Namespace, prefix: Path, nodes_dir: Path, monitor: Mon
         ("server RSS per idle socket", "n/a" if per_socket_kib is None else f"{per_socket_kib:.1f} KiB", "", None),
     ]
     if window:
-        generators = "+".join("?" if c is None else f"{c:g}" for c in window["generator_cpu_pct"])
         rows.append(("deliveries/s measured", f"{window['deliveries_per_s']:,}", "", None))
-        rows.append(("CPU % server / locust / machine",
-                     f"{window['server_cpu_pct']:g} / {generators} / {window['machine_busy_pct']}", "", None))
+        rows.append(("CPU % server / machine busy", f"{window['server_cpu_pct']:g} / {window['machine_busy_pct']}",
+                     "", None))
+        rows.append(("server CPU per delivery", f"{cpu_per_delivery:g} µs" if cpu_per_delivery else "n/a", "", None))
     if server_metrics.get("fanout_ms_mean") is not None:
         rows.append(("server fan-out of one event, mean", ms(server_metrics["fanout_ms_mean"]), "", None))
         rows.append(("server fan-outs > 50 / > 100 ms",
                      f"{server_metrics.get('fanout_over_50ms')} / {server_metrics.get('fanout_over_100ms')}", "", None))
-    lines = ["", f"Eddy load test '{args.name}': {'PASSED' if passed else 'TARGET MISSED'}  ({elapsed:.0f} s)"]
-    for title, value, target, ok in rows:
+    lines = ["", f"{target} load test '{name}': {'PASSED' if passed else 'TARGET MISSED'}  ({elapsed:.0f} s)"]
+    for title, value, goal, ok in rows:
         mark = "" if ok is None else ("ok" if ok else "MISSED")
-        lines.append(f"  {title:<33} {value:>27}  {target:<14} {mark}".rstrip())
+        lines.append(f"  {title:<33} {value:>27}  {goal:<14} {mark}".rstrip())
     events_ms = totals["per_event_ms"]
     if events_ms:
         slow = sorted(events_ms, key=lambda e: -e["max"])[:3]
@@ -583,7 +656,7 @@ def report(args: argparse.Namespace, prefix: Path, nodes_dir: Path, monitor: Mon
         lines.append(f"  ! Locust warned of high CPU ({', '.join(saturated)}): latency includes the generator")
     lines.append(f"  reports: {prefix}.html, {prefix}_stats.csv, {path}")
     print("\n".join(lines), flush=True)
-    return 0 if passed else 1
+    return (0 if passed else 1), summary
 
 
 if __name__ == "__main__":

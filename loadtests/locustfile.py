@@ -29,6 +29,12 @@ Users
     ``--eddy-event-size`` bytes. ``fixed_count`` is 1 (``EDDY_LT_PUBLISHERS``), so ``-u N+1`` is N
     subscribers and one publisher.
 
+The floor (``--eddy-target floor``)
+    The same users against ``loadtests/peers/floor.py`` (one bare ``os.write()`` per socket per event, nothing
+    else): subscribers connect to ``/`` and join nothing (the floor has one broadcast), the publisher sends
+    ``{"event", "data"}`` on a publisher socket (``/publish``) instead of POSTing. ``loadtest.py`` runs every
+    profile against the floor too and reports Eddy ÷ floor, so what the load generator costs shows in both.
+
 Fan-out shapes (``--eddy-shape``, ``--eddy-channels N``)
     ``one``: every subscriber joins the same N channels (N=1: one broadcast channel).
     ``spread``: subscriber k joins channel ``k mod N`` only; each event reaches about 1/N of them.
@@ -85,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "eddy_connect_timeout": 20.0,
     "eddy_reader": "fast",
     "eddy_summary": "",
+    "eddy_target": "eddy",
 }
 ENV_NAMES = {name: "EDDY_LT_" + name[len("eddy_"):].upper() for name in DEFAULTS}
 
@@ -116,6 +123,8 @@ def _add_arguments(parser) -> None:
     add("eddy_reader", "fast: split frames from large socket reads; client: websocket-client's recv_data()",
         choices=["fast", "client"])
     add("eddy_summary", "path prefix of the per-process JSON summaries (empty: none)", include_in_web_ui=False)
+    add("eddy_target", "eddy, or floor: loadtests/peers/floor.py (one channel, a publisher socket)",
+        choices=["eddy", "floor"])
 
 
 def option(environment, name: str) -> Any:
@@ -267,6 +276,12 @@ def epoch_ms(stamp: str) -> float:
     return value
 
 
+def socket_url(user: User, path: str) -> str:
+    """``ws://host:port<path>`` for the user's ``--host`` (``wss://`` for https)."""
+    host = (user.host or user.environment.host or "http://127.0.0.1:8888").rstrip("/")
+    return host.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + path
+
+
 # Users -----------------------------------------------------------------------------------------------------------
 
 
@@ -308,18 +323,19 @@ class SubscriberUser(User):
 
     def _connect_and_join(self, names: list[str]) -> None:
         env = self.environment
-        host = (self.host or env.host or "http://127.0.0.1:8888").rstrip("/")
-        url = host.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/ws"
+        floor = option(env, "eddy_target") == "floor"
         timeout = option(env, "eddy_connect_timeout")
         started = time.time()
         self.ws = websocket.create_connection(
-            url, header=[f"Authorization: Bearer {mint_token(env, self.sub)}"], timeout=timeout,
-            skip_utf8_validation=True,
+            socket_url(self, "/" if floor else "/ws"), header=[f"Authorization: Bearer {mint_token(env, self.sub)}"],
+            timeout=timeout, skip_utf8_validation=True,
         )
         connected = self._read_frame()
         if connected.get("type") != "connected":
             raise ConnectionError(f"first frame was {connected.get('type')!r}, not connected")
         self._fire("WSCONN", "connect", (time.time() - started) * 1000, 0, None)
+        if floor:
+            names = []  # the floor broadcasts every event to every socket: nothing to join
         self.phase = "join"
         pending = set()
         for ref, name in enumerate(names, 1):
@@ -447,14 +463,14 @@ class SubscriberUser(User):
         self._handle(frame, data)
 
     def _handle(self, frame: dict[str, Any], raw: bytes) -> None:
-        kind = frame.get("type")
+        kind = frame.get("type", "event")  # the floor's events carry no type
         if kind == "event":
             state = self.state
             latency = max(0.0, time.time() * 1000 - epoch_ms(frame["timestamp"]))
             payload = frame.get("data")
             if isinstance(payload, dict) and "seq" in payload:
                 key = (str(payload.get("pub")), int(payload["seq"]))
-                state.count(key[0], key[1], frame.get("channel", ""))
+                state.count(key[0], key[1], frame.get("channel", state.channels[0]))
                 per_event = REGISTRY.per_event.get(key)
                 if per_event is None:
                     REGISTRY.per_event[key] = [1, latency, latency]
@@ -533,6 +549,10 @@ class PublisherUser(FastHttpUser):
         self.token = mint_token(env, self.state.id, ("publisher",))  # a backend's credential (EDDY_PUBLISHER_ROLE)
         self.event_name = option(env, "eddy_event_name")
         self.size = option(env, "eddy_event_size")
+        self.socket: websocket.WebSocket | None = None
+        if option(env, "eddy_target") == "floor":  # the floor takes events on a publisher socket, not by POST
+            self.socket = websocket.create_connection(socket_url(self, "/publish"),
+                                                      timeout=option(env, "eddy_connect_timeout"))
         started = time.monotonic()
         gate_timeout = option(env, "eddy_gate_timeout")
         if gate_timeout > 0 and not REGISTRY.go.wait(gate_timeout):
@@ -563,17 +583,32 @@ class PublisherUser(FastHttpUser):
         self.seq += 1
         channel = self.channels[self.seq % len(self.channels)]
         sent = time.time()
+        if self.socket is not None:
+            started = time.perf_counter()
+            self.socket.send(self.body(channel))
+            self._sent(channel, sent)
+            self.environment.events.request.fire(request_type="WSPUB", name="/publish", response_length=0,
+                                                 response_time=(time.perf_counter() - started) * 1000,
+                                                 exception=None, context={})
+            return
         with self.client.post("/api/events", data=self.body(channel), name="/api/events", catch_response=True,
                               headers={"Authorization": f"Bearer {self.token}",
                                        "Content-Type": "application/json"}) as response:
             if response.status_code == 201:
-                self.state.published += 1
-                self.state.per_channel[channel] = self.state.per_channel.get(channel, 0) + 1
-                self.state.first_sent = self.state.first_sent or sent
-                self.state.last_sent = sent
+                self._sent(channel, sent)
             else:
                 self.state.failed += 1
                 response.failure(f"{response.status_code}: {(response.text or '')[:200]}")
+
+    def _sent(self, channel: str, sent: float) -> None:
+        self.state.published += 1
+        self.state.per_channel[channel] = self.state.per_channel.get(channel, 0) + 1
+        self.state.first_sent = self.state.first_sent or sent
+        self.state.last_sent = sent
+
+    def on_stop(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
 
     def _finish(self, drain: float) -> None:
         """Publishing is over: let the last events arrive, then end the test when asked to."""

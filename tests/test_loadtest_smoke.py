@@ -1,4 +1,4 @@
-"""The Locust suite's smoke profile end to end: Eddy, 50 WebSocket subscribers, one publisher, the checker."""
+"""The Locust suite's smoke profile end to end: Eddy and the floor, 50 WebSocket subscribers, one publisher, the checker."""
 
 from __future__ import annotations
 
@@ -36,3 +36,11 @@ def test_smoke_profile_delivers_everything(tmp_path: Path) -> None:
     # Locust's own reports were written beside it.
     assert (tmp_path / "smoke_stats.csv").exists()
     assert (tmp_path / "smoke.html").exists()
+    # The same profile ran against the floor, lost nothing there either, and Eddy ÷ floor is reported beside the
+    # load generator's own CPU and frames read per second.
+    floor = json.loads((tmp_path / "smoke-floor_summary.json").read_text())
+    assert floor["target"] == "floor" and floor["passed"] is True
+    assert floor["unique"] == floor["expected_deliveries"] == floor["published"] * 50
+    assert summary["floor"]["eddy_over_floor"]["p50_ms"] > 0
+    assert "frames/s" in summary["headline"]["generator"] and "frames/s" in floor["headline"]["generator"]
+    assert "Eddy ÷ floor" in run.stdout
