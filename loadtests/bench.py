@@ -141,6 +141,7 @@ class Recorder:
         self.last = [0.0] * phases
         self.per_seq = [0] * (total + 1)        # per seq: deliveries
         self.max_arrival = [0.0] * (total + 1)  # per seq: the last socket's arrival
+        self.min_arrival = [0.0] * (total + 1)  # per seq: the first socket's arrival
         self.server_ts = [0.0] * (total + 1)    # per seq: the server timestamp
         self.sent = [0.0] * (total + 1)         # per seq: the publisher's send time
         self._ts_cache: dict[str, float] = {}
@@ -166,6 +167,8 @@ class Recorder:
         self.count[phase] += 1
         self.last[phase] = now
         self.per_seq[seq] += 1
+        if not self.min_arrival[seq]:
+            self.min_arrival[seq] = now
         if now > self.max_arrival[seq]:
             self.max_arrival[seq] = now
             self.server_ts[seq] = ts
@@ -359,7 +362,7 @@ class LoadGenerator:
             "count": list(r.count), "duplicates": r.duplicates, "unexpected": r.unexpected,
             "last": list(r.last),
             "latency": [a.tobytes() for a in r.latency], "e2e": [a.tobytes() for a in r.e2e],
-            "max_arrival": r.max_arrival, "server_ts": r.server_ts, "sent": r.sent,
+            "max_arrival": r.max_arrival, "min_arrival": r.min_arrival, "server_ts": r.server_ts, "sent": r.sent,
             "alive": sum(1 for sub in self.subs if not sub.closed),
             "cpu": sum(os.times()[:2]),
         }
@@ -1015,6 +1018,21 @@ def summarize_run(result: dict[str, Any], reports: list[dict[str, Any]], starts:
         result[f"{name}_event_to_last_socket_max_ms"] = max(spans) if spans else None
         result[f"{name}_publish_to_last_socket_ms"] = [round(v, 2) for v in from_publish]
         result[f"{name}_publish_to_last_socket_p50_ms"] = percentile(from_publish, 50)
+    # A lone event's path in three legs (solo phase): the publish until the server stamps it (Eddy: POST and the
+    # store's accept), the stamp until the first socket has it (Eddy: the durable commit, the watcher's wake-up,
+    # the first send()), and the first socket until the last (the fan-out loop and the readers).
+    legs: dict[str, list[float]] = {"publish_to_stamp": [], "stamp_to_first_socket": [], "first_to_last_socket": []}
+    for seq in range(1, bounds[0] + 1):
+        first_arrival = min((r["min_arrival"][seq] for r in reports if r["min_arrival"][seq]), default=0.0)
+        last_arrival = max(r["max_arrival"][seq] for r in reports)
+        stamp = max(r["server_ts"][seq] for r in reports)
+        sent = max(r["sent"][seq] for r in reports)
+        if first_arrival and stamp:
+            legs["publish_to_stamp"].append((stamp - sent) * 1000.0)
+            legs["stamp_to_first_socket"].append((first_arrival - stamp) * 1000.0)
+            legs["first_to_last_socket"].append((last_arrival - first_arrival) * 1000.0)
+    for leg, values in legs.items():
+        result[f"solo_{leg}_p50_ms"] = percentile(values, 50)
     # One event to all N sockets, nothing queued: N deliveries over the server-timestamp → last-socket time.
     solo_ms = result["solo_event_to_last_socket_p50_ms"]
     result["solo_deliveries_per_s"] = n / (solo_ms / 1000) if solo_ms else None
@@ -1067,7 +1085,8 @@ METRICS = ("solo_event_to_last_socket_p50_ms", "solo_publish_to_last_socket_p50_
            "burst_latency_p99_ms", "steady_e2e_p99_ms", "steady_event_to_last_socket_p50_ms",
            "burst_event_to_last_socket_max_ms", "lost", "cpu_s_per_1k_sockets", "cpu_us_per_delivery",
            "burst_cpu_us_per_delivery", "rss_peak_mib", "rss_mib_per_1k_sockets", "loadgen_cpu_burst_s",
-           "burst_seconds")
+           "burst_seconds", "solo_publish_to_stamp_p50_ms", "solo_stamp_to_first_socket_p50_ms",
+           "solo_first_to_last_socket_p50_ms")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -1144,6 +1163,24 @@ def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], ru
                     f"{ratio(p.get('cpu_us_per_delivery'), eddy.get('cpu_us_per_delivery'))} | "
                     f"{ratio(p.get('rss_mib_per_1k_sockets'), eddy.get('rss_mib_per_1k_sockets'))} |")
     out.append(floor_table(runs, servers))
+    out.append(solo_legs_table(summary, servers))
+    return "\n".join(out)
+
+
+def solo_legs_table(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str]) -> str:
+    """Where a lone event's time goes, per server: three legs of the solo phase (medians of repeats of p50s)."""
+    out = [("\n### A lone event's path (solo phase, ms, median of repeats): publish → server timestamp → first socket"
+            " → last socket\n"),
+           "| sockets | server | publish → stamp | stamp → first socket | first → last socket | total (p50) |",
+           "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for sockets in sorted(summary, key=int):
+        for server in servers:
+            e = summary[sockets].get(server) or {}
+            if e.get("runs"):
+                out.append(f"| {int(sockets):,} | {server} | {fmt(e.get('solo_publish_to_stamp_p50_ms'))} | "
+                           f"{fmt(e.get('solo_stamp_to_first_socket_p50_ms'))} | "
+                           f"{fmt(e.get('solo_first_to_last_socket_p50_ms'))} | "
+                           f"{fmt(e.get('solo_publish_to_last_socket_p50_ms'))} |")
     return "\n".join(out)
 
 
