@@ -60,6 +60,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -854,7 +855,19 @@ async def loadgen_cpu(generators: list[GeneratorHandle]) -> float:
     return sum(r["cpu"] for r in await asyncio.gather(*(g.call("cpu") for g in generators)))
 
 
+def port_taken(port: int) -> bool:
+    """True when another program listens on ``port`` (it would answer in place of the server under test)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 async def one_run(ctx: Context, spec: ServerSpec, config: RunConfig, repeat: int) -> dict[str, Any]:
+    while port_taken(ctx.next_port):  # another benchmark on this machine, say
+        ctx.next_port += 1
     port = ctx.next_port
     ctx.next_port += 1
     n = config.sockets
@@ -1145,7 +1158,7 @@ def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], ru
                 f"{fmt(e.get('cpu_s_per_1k_sockets'), 2)} | {fmt(e.get('cpu_us_per_delivery'))} | "
                 f"{fmt(e.get('rss_peak_mib'))} | {fmt(e.get('rss_mib_per_1k_sockets'), 2)} |")
         eddy = rows.get("eddy")
-        peers = [s for s in servers if s not in ("eddy", FLOOR) and rows.get(s, {}).get("runs")]
+        peers = [s for s in servers if not s.startswith("eddy") and s != FLOOR and rows.get(s, {}).get("runs")]
         if eddy and eddy.get("runs") and peers:
             out.append("\nEddy's ratio to each peer (> 1 means Eddy is better):\n")
             out.append("| peer | one event → all sockets (server ts) peer ÷ Eddy | deliveries/s (burst) Eddy ÷ peer | "
