@@ -67,7 +67,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,7 @@ class Recorder:
         self.sent = [0.0] * (total + 1)         # per seq: the publisher's send time
         self._ts_cache: dict[str, float] = {}
 
-    def record(self, sub: "Subscriber", message: dict[str, Any], data: dict[str, Any]) -> None:
+    def record(self, sub: Subscriber, message: dict[str, Any], data: dict[str, Any]) -> None:
         now = time.time()
         seq = data["seq"]
         if not 0 < seq <= self.total:
@@ -341,7 +341,7 @@ class LoadGenerator:
                     try:
                         self.subs.append(await open_subscriber(host, port, path, mode, self.recorder, total))
                         return
-                    except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                    except (TimeoutError, OSError, ConnectionError) as exc:
                         if attempt == 3:
                             errors.append(f"{type(exc).__name__}: {exc}")
                         await asyncio.sleep(0.2 * (attempt + 1))
@@ -581,7 +581,7 @@ class HttpConnection:
         self.reader, self.writer, self.host = reader, writer, host
 
     @classmethod
-    async def open(cls, host: str, port: int) -> "HttpConnection":
+    async def open(cls, host: str, port: int) -> HttpConnection:
         reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer, f"{host}:{port}")
 
@@ -735,7 +735,7 @@ class ServerProcess:
                     _, writer = await asyncio.open_connection("127.0.0.1", self.port)
                     writer.close()
                     return
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            except (TimeoutError, OSError, asyncio.IncompleteReadError):
                 pass
             await asyncio.sleep(0.1)
         raise TimeoutError(f"{self.spec.name} did not start: {self.log_tail()}")
@@ -1329,15 +1329,15 @@ def charts(summary: dict[str, dict[str, dict[str, Any]]], runs: list[dict[str, A
     floor_counts = sorted({r["sockets"] for r in runs if r.get("ok") and r["server"] == FLOOR})
     if floor_counts:
         fig, axes = plt.subplots(1, len(FLOOR_METRICS), figsize=(4 * len(FLOOR_METRICS), 4), sharey=True)
-        for ax, (label, metric, _) in zip(axes, FLOOR_METRICS):
+        for ax, (label, metric, _) in zip(axes, FLOOR_METRICS, strict=True):
             for server in servers:
                 points = [(count, floor_ratios(runs, count, server)[metric]) for count in floor_counts]
                 points = [(count, values) for count, values in points if values and server != FLOOR]
                 if points:
                     medians = [statistics.median(values) for _, values in points]
                     ax.errorbar([count for count, _ in points], medians, marker="o", capsize=3, label=server,
-                                yerr=[[m - min(v) for m, (_, v) in zip(medians, points)],
-                                      [max(v) - m for m, (_, v) in zip(medians, points)]])
+                                yerr=[[m - min(v) for m, (_, v) in zip(medians, points, strict=True)],
+                                      [max(v) - m for m, (_, v) in zip(medians, points, strict=True)]])
             ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
             ax.set_xscale("log")
             ax.set_xticks(floor_counts)
@@ -1383,7 +1383,7 @@ async def main_async(args: argparse.Namespace) -> int:
     generators = [GeneratorHandle(context) for _ in range(args.clients)]
     tmp = tempfile.mkdtemp(prefix="eddy-bench-")
     ctx = Context(generators, args.port, tmp)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     wall = time.monotonic()
     try:
         for sockets in args.sockets:

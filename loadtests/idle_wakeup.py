@@ -66,7 +66,7 @@ async def idle_ticks(port: int, storage: str, processes: int, settle: float, sec
             assert len(pids) == processes + 1, f"expected {processes} workers, found {pids[:-1]}"
         before = [cpu_ticks(pid) for pid in pids]
         await asyncio.sleep(seconds)
-        return [cpu_ticks(pid) - ticks for pid, ticks in zip(pids, before)]
+        return [cpu_ticks(pid) - ticks for pid, ticks in zip(pids, before, strict=True)]
     finally:
         stop_server(server)
 
@@ -79,7 +79,7 @@ async def cross_process_latency(ports: tuple[int, int], storage: str, events: in
             await wait_ready(port)
         token = jwt.encode({"sub": "bench", "tenant": "bench"}, SECRET, algorithm="HS256")
         sockets = {}
-        for name, port in zip(("local", "cross"), ports):
+        for name, port in zip(("local", "cross"), ports, strict=True):
             sockets[name] = await websocket_connect(f"ws://127.0.0.1:{port}/ws/bench/stream?access_token={token}")
             await sockets[name].read_message()  # connected
         latencies: dict[str, list[float]] = {name: [] for name in sockets}

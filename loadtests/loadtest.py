@@ -12,8 +12,8 @@ after ``--drain`` seconds the test ends. Then the same profile runs against **th
 (``loadtests/peers/floor.py``: one bare ``os.write()`` per socket per event, nothing else; ``--no-floor`` skips it)
 and the summary shows Eddy ÷ floor, beside the load generator's own saturation (CPU of each Locust process, frames
 each worker read per second): a latency measured by a saturated generator is the generator's. Locust's CSV and
-HTML reports and a JSON summary go to ``loadtests/results/``. Exit status 0 when every target is met, 1 when one is missed, 2 when the run itself
-failed (server or Locust did not start, no summary).
+HTML reports and a JSON summary go to ``loadtests/results/``. Exit status 0 when every target is met, 1 when one
+is missed, 2 when the run itself failed (server or Locust did not start, no summary).
 
 Targets: p99 WebSocket delivery latency (arrival − the event's store timestamp) ≤ ``--p99-target`` ms (100),
 no failed connections or requests, no lost events (received vs published × subscribers of each channel).
@@ -270,7 +270,7 @@ class Monitor(threading.Thread):
         out: dict[str, Any] = {"seconds": round(seconds, 1), "server_cpu_s": round(last["cpu"] - first["cpu"], 2),
                                "server_cpu_pct": round(100 * (last["cpu"] - first["cpu"]) / seconds, 1)}
         per = []
-        for a, b in zip(first["generators"], last["generators"]):
+        for a, b in zip(first["generators"], last["generators"], strict=True):
             per.append(round(100 * (b - a) / seconds, 1) if a is not None and b is not None else None)
         out["generator_cpu_pct"] = per
         out["generator_pids"] = [process.pid for process in self.generators]
@@ -521,7 +521,7 @@ def generator_load(window: dict[str, Any], totals: dict[str, Any]) -> str:
         return "n/a"
     frames = {int(node.rsplit("-", 2)[1]): count for node, count in totals["received_per_node"].items()}
     parts = []
-    for index, (pid, cpu) in enumerate(zip(window["generator_pids"], window["generator_cpu_pct"])):
+    for index, (pid, cpu) in enumerate(zip(window["generator_pids"], window["generator_cpu_pct"], strict=True)):
         label = "master" if index == 0 and len(window["generator_pids"]) > 1 else f"w{index}" if index else "locust"
         part = f"{label} {'?' if cpu is None else f'{cpu:g}'} % CPU"
         if pid in frames:

@@ -27,7 +27,7 @@ from pathlib import Path
 try:
     from inotify_simple import INotify, flags
 except ImportError:  # not Linux, or the package is missing: the storage polls
-    INotify = None  # type: ignore[assignment,misc]
+    INotify = None
 
 
 class Doorbell:
