@@ -22,6 +22,7 @@ position N can never later find a committed N-1 it missed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -55,6 +56,7 @@ from .base import (
 from .doorbell import Doorbell
 
 T = TypeVar("T")
+log = logging.getLogger("eddy.storage.sqlite")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -210,6 +212,9 @@ class SQLiteStorage(Storage):
         self._doorbell = Doorbell(self.path)
         listening = self._doorbell.listen(self._wake_watchers)
         self._watch_timeout = self.safety_poll if listening else self.poll_interval
+        if not listening:
+            log.warning("no inotify here: the change feed polls %s every %g s for other processes' commits",
+                        self.path, self.poll_interval)
         self._queue = asyncio.Queue()
         self._closed = False
         loop = asyncio.get_running_loop()
