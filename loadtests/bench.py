@@ -1345,7 +1345,7 @@ def charts(summary: dict[str, dict[str, dict[str, Any]]], runs: list[dict[str, A
             ax.set_title(label, fontsize="medium")
             ax.set_xlabel("sockets")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0].set_ylabel("× the floor (median, min–max of repeats; 1 = the floor)")
+        axes[0].set_ylabel("× the floor (median, min–max)")
         axes[0].legend(fontsize="small")
         path = CHARTS / "bench-floor-ratio.png"
         fig.tight_layout()
