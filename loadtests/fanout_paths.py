@@ -23,10 +23,10 @@ import jwt
 import tornado.httpserver
 import tornado.websocket
 
-from handlers.websocket import EventSocket
 from service.app import Eddy
 from service.cli import raise_open_file_limit
 from service.config import Settings
+from service.session import Session
 from storage import Event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,23 +55,24 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
 """
 
 
-def write_message_path(self: EventSocket, message) -> None:
+def write_message_path(self: Session, message) -> None:
     """What a naive hub does: Tornado's write_message per socket (encode, frame, task)."""
-    if self.ws_connection is None or self.ws_connection.is_closing():
+    socket = self.transport
+    if socket.ws_connection is None or socket.ws_connection.is_closing():
         return
-    self.write_message(message.payload)
+    socket.write_message(message.payload)
 
 
-def stream_write_path(self: EventSocket, message) -> None:
+def stream_write_path(self: Session, message) -> None:
     """The prepared frame through IOStream.write (a Future and a callback per socket): Eddy before the send() path."""
-    connection = self.ws_connection
+    connection = self.transport.ws_connection
     if connection is None or connection.is_closing():
         return
     connection.stream.write(message.websocket_frame)
 
 
 PATHS = (("write_message", write_message_path), ("IOStream.write", stream_write_path),
-         ("Eddy deliver", EventSocket.deliver))
+         ("Eddy deliver", Session.deliver))
 
 
 async def measure(eddy: Eddy, sockets: int, events: int, rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -87,7 +88,7 @@ async def measure(eddy: Eddy, sockets: int, events: int, rounds: int) -> dict[st
 
     for _ in range(rounds):
         for name, deliver in PATHS:
-            EventSocket.deliver = deliver
+            Session.deliver = deliver
             await asyncio.sleep(0.3)
             started = time.process_time()
             for _ in range(events):
@@ -129,13 +130,13 @@ async def main_async(args: argparse.Namespace) -> None:
             raise RuntimeError("the client process exited")
         await asyncio.sleep(0.05)
     open_sockets = sum(1 for s in eddy.hub._channels[("bench", "bench")]
-                       if s.ws_connection is not None and not s.ws_connection.is_closing())
+                       if s.transport.ws_connection is not None and not s.transport.ws_connection.is_closing())
     assert open_sockets == args.sockets, f"only {open_sockets} of {args.sockets} sockets are open"
-    original = EventSocket.deliver
+    original = Session.deliver
     try:
         results = await measure(eddy, args.sockets, args.events, args.rounds)
     finally:
-        EventSocket.deliver = original
+        Session.deliver = original
         client.kill()
         server.stop()
         await eddy.stop()
