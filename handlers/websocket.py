@@ -20,7 +20,7 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from service import frames, metrics, protocol
 from service.app import Eddy
 from service.auth import token_from_request
-from service.deflate import accept_offer
+from service.deflate import negotiate
 from service.frames import FrameError, PreparedMessage
 from service.session import DRAIN_TIMEOUT, Session, position_field
 
@@ -42,6 +42,7 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         self._outbox: list[bytes] = []
         #: True when this socket negotiated permessage-deflate: its frames come from eddy.deflated_frames.
         self.deflate = False
+        self._extensions_answer = ""
 
     # Handshake -------------------------------------------------------------
 
@@ -74,19 +75,26 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         return None
 
     def _negotiate_compression(self) -> None:
-        """Leave Tornado only a permessage-deflate offer Eddy can honour, with ``server_no_context_takeover``.
+        """Leave Tornado only the permessage-deflate offer Eddy accepts, and remember Eddy's answer to it.
 
-        Tornado answers the first offer it is given with the same parameters,
-        so the answer promises what :class:`service.deflate.DeflatedFrames`
-        does: every message compressed on its own.
+        Tornado negotiates the first offer it sees (and would abort the
+        handshake on a parameter it does not know); its answer drops
+        parameters without a value, so :meth:`set_header` replaces it with
+        Eddy's, which promises ``server_no_context_takeover``: every message
+        is compressed on its own (see :mod:`service.deflate`).
         """
         headers = self.request.headers
-        offer = accept_offer(headers.get("Sec-WebSocket-Extensions", "")) if self.eddy.settings.compression else None
+        agreed = negotiate(headers.get("Sec-WebSocket-Extensions", "")) if self.eddy.settings.compression else None
         if "Sec-WebSocket-Extensions" in headers:
             del headers["Sec-WebSocket-Extensions"]
-        if offer is not None:
-            headers["Sec-WebSocket-Extensions"] = offer
+        if agreed is not None:
+            headers["Sec-WebSocket-Extensions"], self._extensions_answer = agreed
             self.deflate = True
+
+    def set_header(self, name: str, value: Any) -> None:
+        if name == "Sec-WebSocket-Extensions" and self.deflate:
+            value = self._extensions_answer
+        super().set_header(name, value)
 
     def get_compression_options(self) -> dict[str, Any] | None:
         return {} if self.deflate else None

@@ -23,13 +23,15 @@ _KNOWN = {"server_no_context_takeover", "client_no_context_takeover", "server_ma
           "client_max_window_bits"}
 
 
-def accept_offer(header: str) -> str | None:
-    """The ``Sec-WebSocket-Extensions`` offer Eddy accepts from a client's header, rewritten so the answer agrees.
+def negotiate(header: str) -> tuple[str, str] | None:
+    """The permessage-deflate offer Eddy accepts from a client's ``Sec-WebSocket-Extensions``, and its answer.
 
-    The first ``permessage-deflate`` offer that Eddy can honour (only known
-    parameters, and no ``server_max_window_bits`` under 15: Eddy compresses
-    with the full window), with ``server_no_context_takeover`` added; None
-    when there is none (compression is then declined).
+    The first offer Eddy can honour (only known parameters, and no
+    ``server_max_window_bits`` under 15: Eddy compresses with the full
+    window); None when there is none (compression is then declined). The
+    answer always says ``server_no_context_takeover``, agrees to the client's
+    ``client_no_context_takeover``, and to a ``client_max_window_bits`` with a
+    value (one without a value may not be echoed).
     """
     for offer in header.split(","):
         name, *raw = [part.strip() for part in offer.split(";")]
@@ -47,8 +49,12 @@ def accept_offer(header: str) -> str | None:
         client_window = params.get("client_max_window_bits")
         if client_window is not None and not (client_window.isdigit() and 8 <= int(client_window) <= 15):
             continue
-        params["server_no_context_takeover"] = None
-        return "; ".join([EXTENSION] + [key if value is None else f"{key}={value}" for key, value in params.items()])
+        answer = [EXTENSION, "server_no_context_takeover"]
+        if "client_no_context_takeover" in params:
+            answer.append("client_no_context_takeover")
+        if client_window is not None:
+            answer.append(f"client_max_window_bits={client_window}")
+        return offer.strip(), "; ".join(answer)
     return None
 
 
