@@ -94,7 +94,7 @@ class ConnectionLogger(logging.LoggerAdapter):
     """Prefixes every line with the connection id and adds it as a field for JSON lines."""
 
     def process(self, msg, kwargs):
-        connection_id = self.extra["connection_id"]
+        connection_id = (self.extra or {}).get("connection_id")
         kwargs.setdefault("extra", {})["connection_id"] = connection_id
         return f"connection {connection_id}: {msg}", kwargs
 
@@ -114,7 +114,7 @@ class JsonFormatter(logging.Formatter):
         if connection_id is not None:
             line["connection_id"] = connection_id
         if record.exc_text or record.exc_info:
-            line["exception"] = record.exc_text or self.formatException(record.exc_info)
+            line["exception"] = record.exc_text or self.formatException(record.exc_info)  # type: ignore[arg-type]
         return orjson.dumps(line).decode()
 
 
