@@ -29,6 +29,7 @@ from tornado.http1connection import HTTP1Connection as HTTP1ServerConnection
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from service import frames, metrics
+from service.app import Eddy
 from service.frames import FrameError, PreparedMessage
 from service.hub import ChannelKey
 from service.session import DRAIN_TIMEOUT, Session, position_field
@@ -89,7 +90,7 @@ class SSEHandler(ApiHandler):
     #: Milliseconds an EventSource waits before reconnecting (the ``retry:`` field).
     RETRY_MS = 3000
 
-    def initialize(self, eddy) -> None:  # type: ignore[override]
+    def initialize(self, eddy: Eddy) -> None:
         super().initialize(eddy)
         self.remote_ip = self.request.remote_ip or ""
         # A stream cannot be handed a fresh token, and it is not listed in presence.

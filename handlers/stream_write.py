@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from tornado.iostream import IOStream
 
+#: The private attribute the fast path reads: IOStream's queue of unsent bytes.
+PRIVATE_BUFFER = "_write_buffer"
 _MISSING = object()
 
 
 def has_fast_path(stream: IOStream) -> bool:
     """True when ``stream`` exposes what the fast path needs (a plain TCP stream with a private write buffer)."""
-    return type(stream) is IOStream and getattr(stream, "_write_buffer", _MISSING) is not _MISSING \
+    return type(stream) is IOStream and getattr(stream, PRIVATE_BUFFER, _MISSING) is not _MISSING \
         and hasattr(stream, "socket")
 
 
@@ -29,7 +31,7 @@ def write(stream: IOStream, data: bytes | memoryview) -> None:
     Raises what ``IOStream.write`` raises: ``StreamBufferFullError`` past
     ``max_write_buffer_size``, ``StreamClosedError`` on a closed stream.
     """
-    if type(stream) is IOStream and not getattr(stream, "_write_buffer", True) and stream.socket is not None:
+    if type(stream) is IOStream and not getattr(stream, PRIVATE_BUFFER, True) and stream.socket is not None:
         try:
             sent = stream.socket.send(data)
         except BlockingIOError:

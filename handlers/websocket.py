@@ -25,6 +25,7 @@ from service.frames import FrameError, PreparedMessage
 from service.session import DRAIN_TIMEOUT, Session, position_field
 
 from . import stream_write
+from .linger import lingering
 
 
 class EventSocket(tornado.websocket.WebSocketHandler):
@@ -129,6 +130,8 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         # Frames are written straight into this buffer; past the bound the socket
         # is a slow consumer and is closed instead of growing without limit.
         stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
+        # Every close frame reaches the client, even one sent while it is still writing.
+        stream.socket = lingering(stream.socket)
         self.session.open()
         if self.session.identity is not None:
             self.session.start(self.resume_since)

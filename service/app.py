@@ -421,7 +421,7 @@ class Eddy:
         try:
             async with asyncio.timeout(2.0):
                 await self.storage.ping()
-        except (StorageError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, StorageError, OSError) as exc:
             checks["storage"] = f"unavailable: {type(exc).__name__}"
         if not self.watcher.running:
             checks["watcher"] = "stopped"
