@@ -50,11 +50,13 @@ class FakeTransport:
         return [m.position for m in self.log if isinstance(m, PreparedMessage) and m.position is not None]
 
 
-def open_session(eddy, transport: FakeTransport, user: str = "u") -> Session:
+def open_session(eddy, transport: FakeTransport | None = None, user: str = "u") -> tuple[Session, FakeTransport]:
+    """An open, authenticated session on ``transport`` (a new one by default)."""
+    transport = transport or FakeTransport()
     session = Session(eddy, transport)
     session.identity = Identity(user, TENANT)
     session.open()
-    return session
+    return session, transport
 
 
 async def append(eddy, channel: str, n: int, size: int = 10) -> list[int]:
@@ -74,8 +76,7 @@ async def until(condition, timeout: float = 5.0) -> None:
 @pytest.mark.gen_test
 async def test_join_with_since_acknowledges_then_replays_then_goes_live(eddy):
     stored = await append(eddy, "room", 5)
-    transport = FakeTransport()
-    session = open_session(eddy, transport)
+    session, transport = open_session(eddy)
     joined = await session.join("room", since=stored[1], ready=lambda result: transport.log.append(result))
     assert joined == Joined("room", None)
     assert transport.log[0] == joined  # the acknowledgement comes before any replayed event
@@ -90,8 +91,7 @@ async def test_join_with_since_acknowledges_then_replays_then_goes_live(eddy):
 @pytest.mark.settings(max_buffered_bytes=200)
 async def test_live_events_during_a_replay_are_held_and_released_once_without_gap(eddy):
     stored = await append(eddy, "room", 20)
-    transport = FakeTransport()
-    session = open_session(eddy, transport)
+    session, transport = open_session(eddy)
     written_during_replay: list[int] = []
 
     async def publish_while_replaying() -> None:
@@ -113,9 +113,8 @@ async def test_live_events_during_a_replay_are_held_and_released_once_without_ga
 async def test_a_replay_to_a_client_that_does_not_read_stops_within_the_bound(eddy):
     """SSE with since=0 used to buffer the whole history; now a replay waits for the client, or stops."""
     await append(eddy, "room", 100, size=100)
-    transport = FakeTransport()
+    session, transport = open_session(eddy)
     transport.drains = False  # the transport gave up on this client (closed as a slow consumer)
-    session = open_session(eddy, transport)
     await session.join("room", since=0)
     queued = sum(len(m.payload) for m in transport.log if isinstance(m, PreparedMessage))
     assert transport.drain_calls == 1
@@ -139,8 +138,7 @@ async def test_replay_of_several_channels_is_merged_in_position_order(eddy):
 @pytest.mark.settings(history_size=3)
 async def test_trimmed_history_refuses_the_join_and_leaves_no_subscription(eddy):
     stored = await append(eddy, "room", 10)
-    transport = FakeTransport()
-    session = open_session(eddy, transport)
+    session, transport = open_session(eddy)
     with pytest.raises(FrameError) as refused:
         await session.join("room", since=stored[0])
     assert refused.value.code == "HISTORY_LOST"
@@ -150,7 +148,7 @@ async def test_trimmed_history_refuses_the_join_and_leaves_no_subscription(eddy)
 
 @pytest.mark.gen_test
 async def test_presence_frames_are_rate_limited_like_typing(eddy):
-    session = open_session(eddy, FakeTransport())
+    session, _ = open_session(eddy)
     await session.join("room")
     for _ in range(10):
         await session.presence("away")
@@ -163,8 +161,7 @@ async def test_presence_frames_are_rate_limited_like_typing(eddy):
 @pytest.mark.gen_test
 @pytest.mark.settings(max_connections_per_user=2)
 async def test_the_per_user_cap_closes_the_oldest_connection(eddy):
-    transports = [FakeTransport() for _ in range(3)]
-    sessions = [open_session(eddy, transport) for transport in transports]
+    sessions, transports = zip(*(open_session(eddy) for _ in range(3)), strict=True)
     assert transports[0].closed_with == (4029, "too many connections for this user")
     assert transports[1].closed_with is None and transports[2].closed_with is None
     for session in sessions:
