@@ -160,9 +160,11 @@ class EventSocket(tornado.websocket.WebSocketHandler):
     def write_outbox(self) -> None:
         """Write the queued frames (called by the hub at the end of the loop iteration)."""
         frames_out, self._outbox = self._outbox, []
-        stream = self._open_stream()
-        if not frames_out or stream is None:
+        connection = self.ws_connection  # not _open_stream(): this runs once per socket per burst
+        if not frames_out or connection is None or connection.is_closing():
             return
+        stream = connection.stream
+        assert stream is not None  # set once the connection is accepted
         try:
             stream_write.write(stream, frames_out[0] if len(frames_out) == 1 else b"".join(frames_out))
         except StreamBufferFullError:

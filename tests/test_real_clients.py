@@ -396,10 +396,13 @@ async def python_scenario(port: int, client: str) -> dict[str, tuple[str, str]]:
         await state["main"].send(json.dumps({"type": "ping", "ref": 2, "timestamp": "t"}))
         assert await state["main"].frame() == {"type": "pong", "ref": 2, "timestamp": "t"}
 
-    async def protocol_ping() -> None:
-        await state["main"].ping()
-        await state["main"].send(json.dumps({"type": "ping", "ref": "after-ping"}))
-        assert (await state["main"].frame())["ref"] == "after-ping"
+    async def protocol_ping() -> None:  # on a connection of its own: before issue 13 a PING dropped it
+        conn = await open_connection(f"{base}/ws{query}", {})
+        await conn.frame()
+        await conn.ping()
+        await conn.send(json.dumps({"type": "ping", "ref": "after-ping"}))
+        assert (await conn.frame())["ref"] == "after-ping"
+        await conn.close(1000)
 
     async def compression() -> str:
         extensions = state["main"].extensions

@@ -107,9 +107,12 @@ async function scenario(env) {
   });
   await check("protocol_ping", async () => {
     if (!env.ping) return { na: "a page cannot send a protocol ping (it answers the server's)" };
-    await env.ping(main.ws);
-    main.ws.send(JSON.stringify({ type: "ping", ref: "after-ping" }));
-    const frame = await main.next();
+    const conn = await connect("/ws" + query);  // a connection of its own: before issue 13 a PING dropped it
+    await conn.next();
+    await env.ping(conn.ws);
+    conn.ws.send(JSON.stringify({ type: "ping", ref: "after-ping" }));
+    const frame = await conn.next();
+    conn.ws.close(1000);
     if (frame.ref !== "after-ping") throw new Error(JSON.stringify(frame));
   });
   await check("compression", async () => {
