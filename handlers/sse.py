@@ -32,7 +32,8 @@ from service import frames, metrics
 from service.app import Eddy
 from service.frames import FrameError, PreparedMessage
 from service.hub import ChannelKey
-from service.session import DRAIN_TIMEOUT, Session, position_field
+from service.refusals import position_field
+from service.session import DRAIN_TIMEOUT, Session
 
 from .http import RETRY_AFTER_SECONDS, ApiError, ApiHandler
 
@@ -147,7 +148,7 @@ class SSEHandler(ApiHandler):
             start = self.eddy.watcher.position
         else:
             start = since
-            replay, refused = await session.begin_replay(keys, since)
+            replay, refused = await session.begin_replay(keys, since, self.get_query_argument("epoch", None))
             if refused:
                 raise refusal(next(iter(refused.values())))
         if self._gone.is_set():
@@ -207,6 +208,7 @@ class SSEHandler(ApiHandler):
             "tenant": identity.tenant,
             "channels": sorted(channel for _, channel in keys),
             "timestamp": frames.iso_timestamp(time.time()),
+            "epoch": self.eddy.epoch,
         }
         self._streaming = True
         self._write(b"retry: %d\n" % self.RETRY_MS + sse_message(frames.encode(connected), event="connected",

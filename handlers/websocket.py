@@ -22,7 +22,8 @@ from service.app import Eddy
 from service.auth import token_from_request
 from service.deflate import negotiate
 from service.frames import FrameError, PreparedMessage
-from service.session import DRAIN_TIMEOUT, Session, position_field
+from service.refusals import position_field
+from service.session import DRAIN_TIMEOUT, Session
 
 from . import stream_write
 from .linger import lingering
@@ -39,6 +40,8 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         self.session = Session(eddy, self)
         #: ``?since=`` on the handshake (or in a deferred ``authenticate``): resume the rooms joined at connect.
         self.resume_since: int | None = None
+        #: ``?epoch=``: the epoch the client got its ids with (a resume across a recreated store is refused).
+        self.resume_epoch: str | None = None
         #: Frames queued in this loop iteration (see Hub.write_soon).
         self._outbox: list[bytes] = []
         #: True when this socket negotiated permessage-deflate: its frames come from eddy.deflated_frames.
@@ -57,8 +60,9 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             return self._refuse(429, "TOO_MANY_CONNECTIONS", "too many connections from this address")
         try:
             self.resume_since = position_field({"since": self.get_query_argument("since", None)}, "since")
+            self.resume_epoch = protocol.epoch_field({"epoch": self.get_query_argument("epoch", None)})
         except FrameError as exc:
-            return self._refuse(400, exc.code, "since must be an event id")
+            return self._refuse(400, exc.code, exc.message)
         self.session.path_channel = self.path_args[0] if self.path_args else None
         self._negotiate_compression()
         token = token_from_request(self.request.headers, lambda name: self.get_query_argument(name, None))
@@ -134,7 +138,7 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         stream.socket = lingering(stream.socket)
         self.session.open()
         if self.session.identity is not None:
-            self.session.start(self.resume_since)
+            self.session.start(self.resume_since, self.resume_epoch)
 
     def on_message(self, message: str | bytes) -> Any:
         return protocol.dispatch(self.session, message)

@@ -21,7 +21,8 @@ import orjson
 
 from . import frames, metrics
 from .frames import FrameError
-from .session import Joined, Session, position_field
+from .refusals import position_field
+from .session import Joined, Session
 
 log = logging.getLogger("eddy.protocol")
 
@@ -46,6 +47,14 @@ def decode(message: str | bytes, max_bytes: int) -> dict[str, Any]:
     if not isinstance(frame, dict):
         raise FrameError(frames.INVALID_FRAME, "a frame is a JSON object")
     return frame
+
+
+def epoch_field(frame: dict[str, Any]) -> str | None:
+    """The optional ``epoch`` a client got with its ids (``connected.epoch``): ids of another epoch are refused."""
+    epoch = frame.get("epoch")
+    if epoch is not None and (not isinstance(epoch, str) or len(epoch) > 200):
+        raise FrameError(frames.INVALID_FRAME, "epoch must be the string the server sent in connected")
+    return epoch
 
 
 def parse_ref(frame: dict[str, Any]) -> Ref:
@@ -100,7 +109,7 @@ async def authenticate(session: Session, frame: dict[str, Any], ref: Ref) -> Non
     """First authentication of a deferred socket (answered by ``connected``), or a token refresh (``ack``)."""
     since = position_field(frame, "since") if session.identity is None else None
     extra = {"ref": ref} if ref is not None else {}
-    result = await session.authenticate(frame.get("token"), since=since, **extra)
+    result = await session.authenticate(frame.get("token"), since=since, epoch=epoch_field(frame), **extra)
     if not result.started:
         expires = frames.iso_timestamp(result.expires_at) if result.expires_at is not None else None
         ack(session, ref, expires_at=expires)
@@ -113,7 +122,7 @@ async def join(session: Session, frame: dict[str, Any], ref: Ref) -> None:
         else:
             ack(session, ref, channel=joined.channel, last_id=joined.last_id)
 
-    await session.join(frame.get("channel"), position_field(frame, "since"), ready)
+    await session.join(frame.get("channel"), position_field(frame, "since"), ready, epoch_field(frame))
 
 
 async def leave(session: Session, frame: dict[str, Any], ref: Ref) -> None:
@@ -159,7 +168,7 @@ async def presence_query(session: Session, frame: dict[str, Any], ref: Ref) -> N
 
 
 async def sync(session: Session, frame: dict[str, Any], ref: Ref) -> None:
-    synced = await session.sync(frame.get("channel"), position_field(frame, "last_id"))
+    synced = await session.sync(frame.get("channel"), position_field(frame, "last_id"), epoch_field(frame))
     send(session, {"type": "sync_data", "ref": ref, "channel": synced.channel, "events": synced.events,
                    "count": len(synced.events), "has_more": synced.has_more})
 

@@ -12,12 +12,18 @@ a time; the caller writes each batch before asking for the next (see
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from storage import Event, Storage, StorageUnavailable
-
-from .frames import HISTORY_LOST, STORAGE_UNAVAILABLE, FrameError
+from .frames import HISTORY_LOST, FrameError
 from .hub import ChannelKey
+from .refusals import refusals
+
+if TYPE_CHECKING:
+    from storage import Event, History
+
+#: Reads a page of a channel's history after a position: (key, after, limit) -> History (the service's history).
+PageReader = Callable[[ChannelKey, int, int], Awaitable["History"]]
 
 #: Events read per channel per storage call.
 REPLAY_PAGE = 500
@@ -31,8 +37,8 @@ class Replay:
     yields the events of the others in ascending position order.
     """
 
-    def __init__(self, storage: Storage, keys: list[ChannelKey], since: int, *, page_size: int = REPLAY_PAGE) -> None:
-        self.storage = storage
+    def __init__(self, read: PageReader, keys: list[ChannelKey], since: int, *, page_size: int = REPLAY_PAGE) -> None:
+        self.read = read
         self.since = since
         self.page_size = page_size
         #: The position each channel has been replayed up to (its cursor); read it after the replay.
@@ -81,10 +87,8 @@ class Replay:
             yield batch
 
     async def _read_page(self, key: ChannelKey, *, first: bool) -> None:
-        try:
-            page = await self.storage.history(*key, after=self.sent[key], limit=self.page_size)
-        except StorageUnavailable:
-            raise FrameError(STORAGE_UNAVAILABLE, "storage is unavailable; retry the join") from None
+        with refusals("storage is unavailable; retry the join"):
+            page = await self.read(key, self.sent[key], self.page_size)
         if first and page.lost:
             raise FrameError(HISTORY_LOST, "events after since have been trimmed; join without since and reload")
         self._pages[key] = deque(page.events)

@@ -37,26 +37,28 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from storage import Event, StorageUnavailable, parse_event_id
-
 from . import frames, metrics
-from .auth import AuthError, Identity
-from .authorizer import ChannelRefused
+from .auth import Identity
+from .errors import StorageUnavailable
 from .frames import FrameError, PreparedMessage
 from .hub import ChannelKey
 from .limits import TokenBucket, WindowLimit
 from .logs import ConnectionLogger
 from .presence import STATUSES
+from .refusals import position_field, refusals
 from .replay import Replay
 from .rules import automatic_rooms
 
 if TYPE_CHECKING:
+    from storage import Event, History
+
     from .app import Eddy
+
+__all__ = ["Authenticated", "Joined", "Session", "State", "Synced", "Transport", "position_field", "refusals"]
 
 log = logging.getLogger("eddy.session")
 
@@ -125,30 +127,6 @@ class Synced:
     channel: str
     events: list[dict[str, Any]]
     has_more: bool
-
-
-@contextmanager
-def refusals(storage_message: str = "storage is unavailable; retry later") -> Iterator[None]:
-    """Storage, authorization and token errors as :class:`FrameError` with their documented codes."""
-    try:
-        yield
-    except StorageUnavailable:
-        raise FrameError(frames.STORAGE_UNAVAILABLE, storage_message) from None
-    except ChannelRefused as exc:
-        raise FrameError(exc.code, exc.message) from None
-    except AuthError as exc:
-        raise FrameError(exc.code, exc.message) from None
-
-
-def position_field(frame: dict[str, Any], name: str) -> int | None:
-    """``frame[name]`` as a stream position (an event id), None when absent; ``INVALID_FRAME`` otherwise."""
-    value = frame.get(name)
-    if value is None:
-        return None
-    try:
-        return parse_event_id(value)
-    except (TypeError, ValueError):
-        raise FrameError(frames.INVALID_FRAME, f"{name} must be an event id") from None
 
 
 class Session:
@@ -226,7 +204,7 @@ class Session:
             self.state = State.ACTIVE
             self._count_user()
 
-    def start(self, since: int | None = None, **connected_extra: Any) -> None:
+    def start(self, since: int | None = None, epoch: str | None = None, **connected_extra: Any) -> None:
         """Join the automatic rooms and the path channel, say ``connected``, and resume after ``since``."""
         identity = self.identity
         assert identity is not None
@@ -251,10 +229,11 @@ class Session:
         }
         if since is None:
             connected["last_id"] = self.resume_point()
+        connected["epoch"] = self.eddy.epoch
         connected.update(connected_extra)
         self._notify(connected)
         if since is not None:
-            self.background(self._resume_rooms(rooms, since))
+            self.background(self._resume_rooms(rooms, since, epoch))
         self.log.debug("open for user %s", identity.user_id)
 
     def closed(self) -> None:
@@ -409,7 +388,8 @@ class Session:
         self.eddy.hub.disconnect(self, self.channels)
         self.channels = set()
 
-    async def begin_replay(self, keys: list[ChannelKey], since: int) -> tuple[Replay, dict[ChannelKey, FrameError]]:
+    async def begin_replay(self, keys: list[ChannelKey], since: int,
+                           epoch: str | None = None) -> tuple[Replay, dict[ChannelKey, FrameError]]:
         """Subscribe to ``keys`` holding their live events, and read each one's first stored page.
 
         Returns the replay to pass to :meth:`finish_replay`, and the channels
@@ -420,7 +400,14 @@ class Session:
         for key in keys:
             self.holding.setdefault(key, [])
             self._subscribe(key)
-        replay = Replay(self.eddy.storage, keys, since)
+        identity = self.identity
+        assert identity is not None
+
+        async def read(key: ChannelKey, after: int, limit: int) -> History:
+            # Through the service: it authorizes the channel again and checks the resume point's epoch.
+            return await self.eddy.history(identity, key[1], after=after, limit=limit, epoch=epoch)
+
+        replay = Replay(read, keys, since)
         return replay, await replay.start()
 
     async def finish_replay(self, replay: Replay, *, keep_live_on_error: bool = False) -> None:
@@ -469,9 +456,9 @@ class Session:
             if message.position is None or message.position > after:
                 self.transport.queue(message)
 
-    async def _resume_rooms(self, keys: list[ChannelKey], since: int) -> None:
+    async def _resume_rooms(self, keys: list[ChannelKey], since: int, epoch: str | None) -> None:
         """Replay the rooms subscribed at connect; a room that cannot be replayed gets an error naming it and goes live."""
-        replay, refused = await self.begin_replay(keys, since)
+        replay, refused = await self.begin_replay(keys, since, epoch)
         for key, error in refused.items():
             self._release(key)
             self._notify_error(error, channel=key[1])
@@ -488,7 +475,8 @@ class Session:
 
     # Operations ------------------------------------------------------------------------------
 
-    async def authenticate(self, token: object, *, since: int | None = None, **connected_extra: Any) -> Authenticated:
+    async def authenticate(self, token: object, *, since: int | None = None, epoch: str | None = None,
+                           **connected_extra: Any) -> Authenticated:
         """First authentication of a deferred connection (it then starts), or a token refresh.
 
         A refreshed token must be for the same user and tenant (``FORBIDDEN``).
@@ -504,7 +492,7 @@ class Session:
                 await self.authorize_path()
             except FrameError as error:
                 self.notify(frames.error_frame(error.code, error.message, connected_extra.get("ref")))
-            self.start(since, **connected_extra)
+            self.start(since, epoch, **connected_extra)
             return Authenticated(True, identity.expires_at)
         if (identity.user_id, identity.tenant) != (self.identity.user_id, self.identity.tenant):
             raise FrameError(frames.FORBIDDEN, "a refreshed token must be for the same user and tenant")
@@ -513,8 +501,8 @@ class Session:
         return Authenticated(False, identity.expires_at)
 
     async def join(self, channel: object, since: int | None = None,
-                   ready: Callable[[Joined], None] | None = None) -> Joined:
-        """Subscribe; with ``since``, first replay every stored event after that id.
+                   ready: Callable[[Joined], None] | None = None, epoch: str | None = None) -> Joined:
+        """Subscribe; with ``since`` (of ``epoch``, when the client has it), first replay every stored event after it.
 
         ``ready`` is called once the join is in effect, before any replayed
         event is queued (where a dialect sends its acknowledgement).
@@ -524,7 +512,7 @@ class Session:
         if key not in self.channels and joined >= self.eddy.settings.max_channels_per_connection:
             raise FrameError(frames.TOO_MANY_CHANNELS, "this connection has joined as many channels as it may")
         if since is not None and key not in self.channels:
-            replay, refused = await self.begin_replay([key], since)
+            replay, refused = await self.begin_replay([key], since, epoch)
             if key in refused:
                 self._unsubscribe(key)
                 raise refused[key]
@@ -561,9 +549,10 @@ class Session:
         The channel's live events wait until ``ack`` has run, so the sender
         always sees its acknowledgement before its own event comes back.
         """
-        assert self.identity is not None
+        identity = self.identity
+        assert identity is not None
         with refusals():
-            key = self.eddy.authorize_socket_publish(self.identity, channel)
+            key = self.eddy.authorize_socket_publish(identity, channel)
         if not frames.is_valid_event_name(event):
             raise FrameError(frames.INVALID_FRAME, "event must be 1-200 characters and not start with $")
         assert isinstance(event, str)
@@ -574,8 +563,8 @@ class Session:
             self.holding[key] = []
         try:
             with refusals("storage is unavailable; retry with the same idempotency_key"):
-                stored = await self.eddy.append(*key, event, data, idempotency_key=idempotency_key)
-            metrics.EVENTS_PUBLISHED.labels("socket").inc()
+                stored = await self.eddy.publish(identity, key[1], event, data, idempotency_key=idempotency_key,
+                                                 via="socket")
             if ack is not None:
                 ack(stored)
         finally:
@@ -636,16 +625,18 @@ class Session:
         return status
 
     async def presence_query(self, channel: object) -> tuple[str, list[dict[str, Any]]]:
-        key = await self.authorize(channel)
+        assert self.identity is not None
+        key = self.eddy_key(channel)
         with refusals("storage is unavailable"):
-            return key[1], await self.eddy.presence.users(key)
+            return key[1], await self.eddy.presence_users(self.identity, key[1])
 
-    async def sync(self, channel: object, last_id: int | None) -> Synced:
+    async def sync(self, channel: object, last_id: int | None, epoch: str | None = None) -> Synced:
         """Seed 001's sync: the events after ``last_id``, without subscribing."""
-        key = await self.authorize(channel)
+        assert self.identity is not None
+        key = self.eddy_key(channel)
         after = last_id or 0
         with refusals():
-            page = await self.eddy.storage.history(*key, after=after, limit=SYNC_LIMIT)
+            page = await self.eddy.history(self.identity, key[1], after=after, limit=SYNC_LIMIT, epoch=epoch)
         if page.lost and after:
             raise FrameError(frames.HISTORY_LOST, "events after last_id have been trimmed")
         events = [frames.event_body(e) for e in page.events]
@@ -674,11 +665,15 @@ class Session:
             except StorageUnavailable as exc:
                 self.log.warning("presence entry left to expire (%s)", exc)
 
-    def _joined(self, channel: object) -> ChannelKey:
-        """The key of a channel this connection has joined (leave, typing and reads need membership)."""
+    def eddy_key(self, channel: object) -> ChannelKey:
+        """``channel``'s key in this identity's tenant (``INVALID_CHANNEL`` for a bad name); no authorization."""
         assert self.identity is not None
         with refusals():
-            key = self.eddy.channel_key(self.identity, channel)
+            return self.eddy.channel_key(self.identity, channel)
+
+    def _joined(self, channel: object) -> ChannelKey:
+        """The key of a channel this connection has joined (leave, typing and reads need membership)."""
+        key = self.eddy_key(channel)
         if key not in self.channels:
             raise FrameError(frames.NOT_SUBSCRIBED, f"not subscribed to {key[1]}")
         return key

@@ -127,7 +127,12 @@ async def test_replay_of_several_channels_is_merged_in_position_order(eddy):
     positions = []
     for n in range(30):
         positions += await append(eddy, f"c{n % 3}", 1)
-    replay = Replay(eddy.storage, [(TENANT, "c0"), (TENANT, "c1"), (TENANT, "c2")], positions[4], page_size=4)
+    identity = Identity("u", TENANT)
+
+    async def read(key, after, limit):
+        return await eddy.history(identity, key[1], after=after, limit=limit)
+
+    replay = Replay(read, [(TENANT, "c0"), (TENANT, "c1"), (TENANT, "c2")], positions[4], page_size=4)
     assert await replay.start() == {}
     seen = [event.position async for batch in replay.batches() for event in batch]
     assert seen == positions[5:]

@@ -350,11 +350,11 @@ async def test_streams_count_in_the_per_user_cap(http_server, http_port, eddy):
     token = make_token()
     stream = SSEStream(http_port, "channels=tickets", token)
     assert (await stream.next())["event"] == "connected"
-    socket = await Client.connect(http_port, "/ws", token)
+    socket = await Client.connect(http_port, "/ws/tickets/stream", token)
     assert (await socket.recv())["type"] == "connected"
     response = await asyncio.wait_for(stream.done, TIMEOUT)  # the stream, the oldest, was ended
     assert getattr(response, "code", None) == 200
-    await publish(http_port, "user:alice", "after", None)
+    await publish(http_port, "tickets", "after", None)
     assert (await socket.recv_type("event"))["event"] == "after"  # the socket was kept
     socket.close()
 
