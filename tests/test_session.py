@@ -171,3 +171,16 @@ async def test_the_per_user_cap_closes_the_oldest_connection(eddy):
     assert transports[1].closed_with is None and transports[2].closed_with is None
     for session in sessions:
         session.closed()
+
+
+@pytest.mark.gen_test
+async def test_a_resume_with_ids_of_another_epoch_is_refused(eddy):
+    """Ids only compare within one store: a since of another epoch (a recreated store) is HISTORY_LOST."""
+    stored = await append(eddy, "room", 3)
+    session, transport = open_session(eddy)
+    with pytest.raises(FrameError) as refused:
+        await session.join("room", since=stored[0], epoch="an-older-store")
+    assert refused.value.code == "HISTORY_LOST"
+    await session.join("room", since=stored[0], epoch=eddy.epoch)
+    assert transport.positions() == stored[1:]
+    session.closed()
