@@ -23,7 +23,13 @@ $(TEST_STAMP): $(SERVE_STAMP)
 serve: $(SERVE_STAMP)
 	$(VENV)/bin/eddy serve
 
-test: $(TEST_STAMP)
+# Node's ws for the real-client matrix, from its lockfile (the tests skip it, saying why, where node is missing).
+NODE_WS := tests/node/ws/node_modules/.package-lock.json
+
+$(NODE_WS): tests/node/ws/package.json tests/node/ws/package-lock.json
+	if command -v npm >/dev/null; then cd tests/node/ws && npm ci --no-audit --no-fund --silent; fi
+
+test: $(TEST_STAMP) $(NODE_WS)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(TEST_STAMP)

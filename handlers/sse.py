@@ -11,31 +11,35 @@ to those channels would receive, one SSE message per frame:
 * other frames (``connected``, ``typing``, ``read``, ``presence``,
   ``reconnect``, ``error``) are named messages: ``event: <frame type>``.
 
-Resuming (``Last-Event-ID``, or ``?since=``) reuses the WebSocket's
-join-with-since, so the seam between history and live events is the same one:
-no gap, no duplicate.
+The stream is a transport of a :class:`service.session.Session`, like a
+WebSocket: resuming (``Last-Event-ID``, or ``?since=``) is the session's
+replay, so the seam between history and live events is the same one (no gap,
+no duplicate), and the replay is written as the client reads it, within the
+same send bound as live events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from typing import Any
+from typing import cast
 
 import orjson
-import tornado.ioloop
-from tornado.iostream import StreamBufferFullError, StreamClosedError
+from tornado.http1connection import HTTP1Connection as HTTP1ServerConnection
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from service import frames, metrics
+from service.app import Eddy
+from service.frames import FrameError, PreparedMessage
 from service.hub import ChannelKey
-from storage import parse_event_id
+from service.refusals import position_field
+from service.session import DRAIN_TIMEOUT, Session
 
-from .conversation import ConversationFrames, FrameError
-from .http import RETRY_AFTER_SECONDS, ApiError, ApiHandler, service_errors
+from .http import RETRY_AFTER_SECONDS, ApiError, ApiHandler
 
-#: The HTTP status of a resume the WebSocket would refuse with an error frame.
-_RESUME_STATUS = {frames.HISTORY_LOST: 410, frames.STORAGE_UNAVAILABLE: 503}
+#: The HTTP status of a channel or resume the socket would refuse with an error frame.
+_REFUSAL_STATUS = {frames.INVALID_CHANNEL: 400, frames.FORBIDDEN: 403, frames.HISTORY_LOST: 410,
+                   frames.AUTHORIZER_UNAVAILABLE: 503, frames.STORAGE_UNAVAILABLE: 503}
 #: ``frames.encode`` writes ``type`` first, so an event frame is told apart without parsing it.
 _EVENT_FRAME = b'{"type":"event",'
 
@@ -50,46 +54,51 @@ def sse_message(payload: bytes, *, event: str | None = None, event_id: int | str
     return head + b"data: " + payload + b"\n\n"
 
 
-def sse_chunk(message: frames.PreparedMessage) -> bytes:
-    """What the stream carries for a frame the hub (or a replay) hands over."""
-    payload = message.payload
-    if payload.startswith(_EVENT_FRAME):
-        return sse_message(payload, event_id=message.position)
-    kind = orjson.loads(payload).get("type", "message")
-    if kind == "keepalive":
-        # A comment: EventSource ignores it, proxies and dead-peer detection see traffic.
-        return b": keepalive\n\n"
-    return sse_message(payload, event=kind)
+class SSEChunks:
+    """Renders a message as what the stream carries (see the module docstring); shared, cached per message."""
+
+    def render(self, message: PreparedMessage) -> bytes:
+        payload = message.payload
+        if payload.startswith(_EVENT_FRAME):
+            return sse_message(payload, event_id=message.position)
+        kind = orjson.loads(payload).get("type", "message")
+        if kind == "keepalive":
+            # A comment: EventSource ignores it, proxies and dead-peer detection see traffic.
+            return b": keepalive\n\n"
+        return sse_message(payload, event=kind)
 
 
-class SSEHandler(ConversationFrames, ApiHandler):
+SSE_CHUNKS = SSEChunks()
+
+
+def refusal(error: FrameError) -> ApiError:
+    """The problem response for a channel or resume refused before the stream starts."""
+    status = _REFUSAL_STATUS.get(error.code, 400)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    return ApiError(status, error.code, error.message, headers)
+
+
+class SSEHandler(ApiHandler):
     """``GET /sse?channels=a,b``: a read-only event stream (``text/event-stream``).
 
-    A hub subscriber like :class:`handlers.websocket.EventSocket`: it offers
-    ``deliver`` and ``close`` to the hub. It takes the socket's conversation
-    mixin only for :meth:`ConversationFrames.join_with_replay`, which it reuses
-    as is through the ``_subscribe``, ``_unsubscribe``, ``send``,
-    ``deliver_now`` and ``flushed`` below; no client frame ever reaches the
-    mixin's other methods. Everything that can be refused (token, channels,
-    ``Last-Event-ID``) is refused with a problem body before the first byte of
-    the stream.
+    The :class:`service.session.Transport` of a session that never receives a
+    client frame. Everything that can be refused (token, channels,
+    ``Last-Event-ID``, a trimmed history) is refused with a problem body
+    before the first byte of the stream.
     """
 
+    kind = "sse"
     #: Milliseconds an EventSource waits before reconnecting (the ``retry:`` field).
     RETRY_MS = 3000
 
-    def initialize(self, eddy) -> None:  # type: ignore[override]
+    def initialize(self, eddy: Eddy) -> None:
         super().initialize(eddy)
-        self.identity = None
-        self.connection_id = uuid.uuid4().hex
-        self.channels: set[ChannelKey] = set()
-        self.init_conversation()  # among others `replaying`: live events of a channel being replayed wait there
-        #: While channels are being joined, everything to send waits here, to go out in position order.
-        self._joining: list[frames.PreparedMessage] | None = None
-        self._registered = False
+        self.remote_ip = self.request.remote_ip or ""
+        # A stream cannot be handed a fresh token, and it is not listed in presence.
+        self.session = Session(eddy, self, refreshable=False, tracks_presence=False)
+        self._outbox: list[bytes] = []
         self._streaming = False
         self._gone = asyncio.Event()
-        self._expiry: object | None = None
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -117,43 +126,43 @@ class SSEHandler(ConversationFrames, ApiHandler):
         Order of the stream: ``retry:``, a ``connected`` message whose ``id:``
         is the position the stream starts after (so an EventSource that
         reconnects before any event resumes without a gap), the replayed
-        events, then live ones.
+        events in id order, then live ones.
         """
-        address = self.request.remote_ip
-        if self.eddy.connections_from(address) >= self.eddy.settings.max_connections_per_ip:
-            metrics.DROPPED.labels("connections_per_ip").inc()
+        if not Session.admits(self.eddy, self.remote_ip):
             raise ApiError(429, "TOO_MANY_CONNECTIONS", "too many connections from this address")
-        self.identity = self.authenticate()
+        session = self.session
+        session.identity = self.authenticate()
         names = self._channel_names()
         since = self._since()
         keys = []
         for name in names:
-            with service_errors():
-                keys.append(await self.eddy.authorize_join(self.identity, name))
-        self._register()
-        self._joining = []
+            try:
+                keys.append(await session.authorize(name))
+            except FrameError as error:
+                raise refusal(error) from None
+        session.open()
+        replay = None
         if since is None:
-            for key in keys:
-                self._subscribe(key)
+            session.subscribe(keys)
             # Nothing awaited since subscribing: every event after the watcher's position comes live.
             start = self.eddy.watcher.position
         else:
             start = since
-            for key in keys:
-                try:
-                    await self.join_with_replay(key, since, None)
-                except FrameError as exc:
-                    transient = exc.code == frames.STORAGE_UNAVAILABLE
-                    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if transient else None
-                    raise ApiError(_RESUME_STATUS.get(exc.code, 400), exc.code, exc.message, headers) from None
-                if self._gone.is_set():
-                    break
+            replay, refused = await session.begin_replay(keys, since, self.get_query_argument("epoch", None))
+            if refused:
+                raise refusal(next(iter(refused.values())))
         if self._gone.is_set():
             # Closed by the server while joining (shutdown): an empty stream, so the EventSource retries.
             self._stream_headers()
             self.write(b"retry: %d\n\n" % self.RETRY_MS)
             return
-        await self._start_stream(keys, start)
+        self._start_stream(keys, start)
+        if replay is not None:
+            try:
+                await session.finish_replay(replay)
+            except FrameError as error:
+                session.notify(frames.error_frame(error.code, error.message))
+                self.close()
         await self._gone.wait()
 
     def _channel_names(self) -> list[str]:
@@ -176,8 +185,8 @@ class SSEHandler(ConversationFrames, ApiHandler):
         if raw is None or raw == "":
             return None
         try:
-            return parse_event_id(raw.strip())
-        except ValueError:
+            return position_field({"since": raw.strip()}, "since")
+        except FrameError:
             raise ApiError(400, "INVALID_PARAMETER", "Last-Event-ID (or since) must be an event id") from None
 
     def _stream_headers(self) -> None:
@@ -186,64 +195,68 @@ class SSEHandler(ConversationFrames, ApiHandler):
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Accel-Buffering", "no")  # nginx would otherwise hold events back
 
-    async def _start_stream(self, keys: list[ChannelKey], start: int | None) -> None:
-        assert self.identity is not None
+    def _start_stream(self, keys: list[ChannelKey], start: int | None) -> None:
+        identity = self.session.identity
+        assert identity is not None
         self._stream_headers()
+        # The same bound as a socket's: past it the client is a slow consumer (replays wait below it).
+        self._stream().max_write_buffer_size = self.eddy.settings.max_buffered_bytes
         connected = {
             "type": "connected",
-            "connection_id": self.connection_id,
-            "user_id": self.identity.user_id,
-            "tenant": self.identity.tenant,
+            "connection_id": self.session.connection_id,
+            "user_id": identity.user_id,
+            "tenant": identity.tenant,
             "channels": sorted(channel for _, channel in keys),
             "timestamp": frames.iso_timestamp(time.time()),
+            "epoch": self.eddy.epoch,
         }
-        backlog = self._joining or []
-        self._joining = None
-        # Channels were replayed one after the other; in position order, the last id a client
-        # received is a resume point for all of them.
-        backlog.sort(key=lambda message: message.position or 0)
-        chunks = [b"retry: %d\n" % self.RETRY_MS,
-                  sse_message(frames.encode(connected), event="connected", event_id=start)]
-        chunks += [sse_chunk(message) for message in backlog]
         self._streaming = True
-        self._write(b"".join(chunks))
-        self._watch_expiry()
-        stream = self.request.connection.stream  # type: ignore[attr-defined]
+        self._write(b"retry: %d\n" % self.RETRY_MS + sse_message(frames.encode(connected), event="connected",
+                                                                   event_id=start))
+        self.session.watch_expiry()
+
+    # Transport ---------------------------------------------------------------------
+
+    def queue(self, message: PreparedMessage) -> None:
+        if not self._streaming:
+            return
+        chunk = message.rendered(SSE_CHUNKS)
+        if self._outbox:
+            self._outbox.append(chunk)
+            return
+        self._outbox.append(chunk)
+        self.eddy.hub.write_soon(self)
+
+    def write_outbox(self) -> None:
+        chunks, self._outbox = self._outbox, []
+        if chunks:
+            self._write(b"".join(chunks))
+
+    async def drained(self) -> bool:
+        self.write_outbox()
+        if self._finished or self._gone.is_set():
+            return False
         try:
-            # The replay may exceed the bound on unsent bytes; it applies once that has drained.
-            await stream.write(b"")
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                await self.flush_stream()
         except StreamClosedError:
-            return
-        if not stream.closed():
-            stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
+            return False
+        except TimeoutError:
+            self._close_slow_consumer()
+            return False
+        return not self._gone.is_set()
 
-    # Hub subscriber ------------------------------------------------------------------
-
-    def deliver_now(self, message: frames.PreparedMessage) -> None:
-        if self._joining is not None:
-            if message.key is not None:  # keepalives mean nothing before the stream starts
-                self._joining.append(message)
-            return
-        if self._streaming:
-            self._write(sse_chunk(message))
-
-    def send(self, frame: dict[str, Any]) -> None:
-        # join_with_replay acknowledges the join: a stream has no acks, starting is the answer.
-        if frame.get("type") == "ack":
-            return
-        self.deliver_now(frames.PreparedMessage(frames.encode(frame)))
-
-    async def flushed(self) -> None:
-        """Nothing is written while channels are joined (see ``_joining``), so nothing to wait for."""
+    async def flush_stream(self) -> None:
+        """Wait until everything written so far has left for the kernel."""
+        await self._stream().write(b"")
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
-        """End the stream (shutdown, expiry); an EventSource then reconnects after ``retry``."""
+        """End the stream (shutdown, expiry, the per-user cap); an EventSource then reconnects after ``retry``."""
+        self.write_outbox()
         self._gone.set()
-        self._leave()
+        self.session.closed()
         if self._streaming and not self._finished:
             self.finish()
-
-    # Writing ------------------------------------------------------------------------
 
     def _write(self, chunk: bytes) -> None:
         if self._finished or self._gone.is_set():
@@ -257,64 +270,22 @@ class SSEHandler(ConversationFrames, ApiHandler):
             pass
 
     def _close_slow_consumer(self) -> None:
+        self.session.log.warning("closed: slow consumer")
         metrics.SLOW_CONSUMERS.inc()
         metrics.DROPPED.labels("slow_consumer").inc()
-        self._leave()
         self._gone.set()
+        self.session.closed()
         # Unsent bytes are over the bound: dropping the connection is all that is left.
-        self.request.connection.stream.close()  # type: ignore[attr-defined]
+        self._stream().close()
 
-    def _watch_expiry(self) -> None:
-        assert self.identity is not None
-        if self.identity.expires_at is None:
-            return
-        loop = tornado.ioloop.IOLoop.current()
-        self._expiry = loop.call_later(max(0.0, self.identity.expires_at - time.time()), self._token_expired)
-
-    def _token_expired(self) -> None:
-        # A stream cannot be handed a fresh token: say why, and end it. The EventSource's retry
-        # with the old URL gets 401, and the page opens a new one with a new token (and ?since=).
-        self._expiry = None
-        self._write(sse_message(frames.encode(frames.error_frame(frames.TOKEN_EXPIRED, "the token has expired")),
-                                event="error"))
-        self.close()
-
-    # Subscriptions ------------------------------------------------------------------
-
-    def _register(self) -> None:
-        self.eddy.hub.connect(self)
-        self.eddy.count_address(self.request.remote_ip, +1)
-        metrics.CONNECTIONS.labels("sse").inc()
-        self._registered = True
-
-    def _subscribe(self, key: ChannelKey) -> None:
-        if not self._registered:  # gone while a replay was still running
-            return
-        self.channels.add(key)
-        self.eddy.hub.subscribe(key, self)
-
-    def _unsubscribe(self, key: ChannelKey) -> None:
-        self.channels.discard(key)
-        self.eddy.hub.unsubscribe(key, self)
-
-    def _leave(self) -> None:
-        """Stop every delivery and uncount the connection (idempotent)."""
-        if self._expiry is not None:
-            tornado.ioloop.IOLoop.current().remove_timeout(self._expiry)
-            self._expiry = None
-        if not self._registered:
-            return
-        self._registered = False
-        self.eddy.hub.disconnect(self, self.channels)
-        self.channels = set()
-        self.replaying.clear()
-        self.eddy.count_address(self.request.remote_ip, -1)
-        metrics.CONNECTIONS.labels("sse").dec()
+    def _stream(self) -> IOStream:
+        """The HTTP connection's stream (Tornado's HTTP/1 server connection has one)."""
+        return cast(HTTP1ServerConnection, self.request.connection).stream
 
     def on_connection_close(self) -> None:
         self._gone.set()
-        self._leave()
+        self.session.closed()
 
     def on_finish(self) -> None:
         self._gone.set()
-        self._leave()
+        self.session.closed()

@@ -17,16 +17,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import jwt
 import tornado.httpserver
 import tornado.websocket
 
-from handlers.websocket import EventSocket
 from service.app import Eddy
 from service.cli import raise_open_file_limit
 from service.config import Settings
+from service.session import Session
 from storage import Event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,23 +56,24 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
 """
 
 
-def write_message_path(self: EventSocket, message) -> None:
+def write_message_path(self: Session, message) -> None:
     """What a naive hub does: Tornado's write_message per socket (encode, frame, task)."""
-    if self.ws_connection is None or self.ws_connection.is_closing():
+    socket = self.transport
+    if socket.ws_connection is None or socket.ws_connection.is_closing():
         return
-    self.write_message(message.payload)
+    socket.write_message(message.payload)
 
 
-def stream_write_path(self: EventSocket, message) -> None:
+def stream_write_path(self: Session, message) -> None:
     """The prepared frame through IOStream.write (a Future and a callback per socket): Eddy before the send() path."""
-    connection = self.ws_connection
+    connection = self.transport.ws_connection
     if connection is None or connection.is_closing():
         return
     connection.stream.write(message.websocket_frame)
 
 
 PATHS = (("write_message", write_message_path), ("IOStream.write", stream_write_path),
-         ("Eddy deliver", EventSocket.deliver))
+         ("Eddy deliver", Session.deliver))
 
 
 async def measure(eddy: Eddy, sockets: int, events: int, rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -87,7 +89,7 @@ async def measure(eddy: Eddy, sockets: int, events: int, rounds: int) -> dict[st
 
     for _ in range(rounds):
         for name, deliver in PATHS:
-            EventSocket.deliver = deliver
+            Session.deliver = deliver
             await asyncio.sleep(0.3)
             started = time.process_time()
             for _ in range(events):
@@ -107,7 +109,9 @@ async def measure(eddy: Eddy, sockets: int, events: int, rounds: int) -> dict[st
     return results
 
 
-async def main_async(args: argparse.Namespace) -> None:
+async def open_fanout(port: int, sockets: int, client_script: str = CLIENT) -> tuple[Eddy, tornado.httpserver.HTTPServer,
+                                                                                 subprocess.Popen[bytes]]:
+    """An Eddy hub serving ``sockets`` open WebSockets on channel ("bench", "bench"), held by a client subprocess."""
     settings = Settings(storage="memory://", jwt_secret=SECRET, keepalive_interval=0, ping_interval=0,
                         ping_timeout=0, max_buffered_bytes=64 << 20,
                         # Every client socket uses the same token: without these, the per-user cap (10)
@@ -116,29 +120,39 @@ async def main_async(args: argparse.Namespace) -> None:
     eddy = Eddy(settings)
     await eddy.start()
     server = tornado.httpserver.HTTPServer(eddy.make_app())
-    server.listen(args.port, "127.0.0.1")
+    server.listen(port, "127.0.0.1")
     token = jwt.encode({"sub": "bench", "tenant": "bench"}, SECRET, algorithm="HS256")
-    client = subprocess.Popen([sys.executable, "-c", CLIENT, str(args.port), str(args.sockets), token],
+    client = subprocess.Popen([sys.executable, "-c", client_script, str(port), str(sockets), token],
                               stdout=subprocess.PIPE, stderr=open("/tmp/fanout-client.err", "wb"),
                               env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert client.stdout is not None
     loop = asyncio.get_running_loop()
     line = await loop.run_in_executor(None, client.stdout.readline)
     assert line.strip() == b"ready", line
-    while eddy.hub.subscriber_count(("bench", "bench")) < args.sockets:
+    while eddy.hub.subscriber_count(("bench", "bench")) < sockets:
         if client.poll() is not None:
             raise RuntimeError("the client process exited")
         await asyncio.sleep(0.05)
     open_sockets = sum(1 for s in eddy.hub._channels[("bench", "bench")]
-                       if s.ws_connection is not None and not s.ws_connection.is_closing())
-    assert open_sockets == args.sockets, f"only {open_sockets} of {args.sockets} sockets are open"
-    original = EventSocket.deliver
+                       if s.transport.ws_connection is not None and not s.transport.ws_connection.is_closing())
+    assert open_sockets == sockets, f"only {open_sockets} of {sockets} sockets are open"
+    return eddy, server, client
+
+
+async def close_fanout(eddy: Eddy, server: tornado.httpserver.HTTPServer, client: subprocess.Popen[bytes]) -> None:
+    client.kill()
+    server.stop()
+    await eddy.stop()
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    eddy, server, client = await open_fanout(args.port, args.sockets)
+    original = Session.deliver
     try:
         results = await measure(eddy, args.sockets, args.events, args.rounds)
     finally:
-        EventSocket.deliver = original
-        client.kill()
-        server.stop()
-        await eddy.stop()
+        Session.deliver = original
+        await close_fanout(eddy, server, client)
     print(f"sockets={args.sockets} events/burst={args.events} rounds={args.rounds}")
     print(f"{'path':<16}{'CPU µs/delivery':>17}{'deliveries/s/core':>19}{'one event to all (wall ms)':>28}")
     medians = {}
@@ -153,15 +167,21 @@ async def main_async(args: argparse.Namespace) -> None:
               f"{medians[name][1] / eddy_wall:.2f}x faster single-event fan-out")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sockets", type=int, default=2000)
-    parser.add_argument("--events", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--port", type=int, default=8896)
+def run(main_async: Callable[[argparse.Namespace], Awaitable[None]], description: str | None, *, sockets: int,
+        events: int, rounds: int, port: int) -> None:
+    """Parse ``--sockets --events --rounds --port`` (these defaults) and run ``main_async`` with them."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sockets", type=int, default=sockets)
+    parser.add_argument("--events", type=int, default=events)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--port", type=int, default=port)
     args = parser.parse_args()
     raise_open_file_limit()
     asyncio.run(main_async(args))
+
+
+def main() -> None:
+    run(main_async, __doc__, sockets=2000, events=50, rounds=5, port=8896)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from . import frames, metrics
 from .auth import AuthError, Identity, TokenVerifier, resolve_secret
 from .authorizer import ChannelRefused, JoinAuthorizer
 from .config import Settings, read_collection_mappings, read_config_file
+from .deflate import DeflatedFrames
 from .errors import HistoryLost, InvalidInput, LimitReached, NotFound
 from .hub import ChannelKey, Hub
 from .limits import Buckets
@@ -108,6 +109,8 @@ class Eddy:
         self.collection_mappings = read_collection_mappings(settings.config) if settings.config else []
         self.authorizer = JoinAuthorizer(settings.authorizer_timeout, settings.authorizer_cache_ttl)
         self.hub = Hub()
+        #: Compressed WebSocket frames, built once per event for every socket that negotiated permessage-deflate.
+        self.deflated_frames = DeflatedFrames(settings.compression_threshold)
         self.scheduler = Scheduler(self.storage, interval=settings.schedule_interval, lease=settings.schedule_lease)
         self.presence = PresenceTracker(self.storage, ttl=settings.presence_ttl, refresh=settings.presence_ttl / 3)
         self.rest_buckets = Buckets(settings.rest_rate, settings.rest_burst)
@@ -418,7 +421,7 @@ class Eddy:
         try:
             async with asyncio.timeout(2.0):
                 await self.storage.ping()
-        except (StorageError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, StorageError, OSError) as exc:
             checks["storage"] = f"unavailable: {type(exc).__name__}"
         if not self.watcher.running:
             checks["watcher"] = "stopped"

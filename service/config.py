@@ -78,9 +78,13 @@ class Settings:
         1 << 20, "Unsent bytes a socket may queue before it is closed as a slow consumer (4008)."
     )
     max_frame_bytes: int = setting(
-        64 * 1024, "Largest client frame accepted; a larger one is answered with FRAME_TOO_LARGE and the socket "
-        "stays open; one over 4x this is not read and closes the socket with 1009."
+        64 * 1024, "Largest client frame accepted, in UTF-8 bytes; a larger one is answered with FRAME_TOO_LARGE and "
+        "the socket stays open; one over 4x this is not read and closes the socket with 1009."
     )
+    compression: bool = setting(
+        True, "Accept permessage-deflate when a WebSocket client offers it (each event is compressed once for all)."
+    )
+    compression_threshold: int = setting(1024, "Frames smaller than this many bytes are sent uncompressed.")
     max_channels_per_connection: int = setting(100, "Channels one socket may join.")
     max_connections_per_ip: int = setting(1000, "Sockets one client address may hold per process (429 above).")
     frame_rate: float = setting(50.0, "Client frames per second a socket may send on average (RATE_LIMITED above).")

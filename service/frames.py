@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -48,13 +48,26 @@ CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
 CHANNEL_RULE_TEXT = "channel names are 1-200 characters of A-Z a-z 0-9 _ - . : @"
 
 
+class FrameError(Exception):
+    """A client request was refused with a documented error ``code`` (the table in docs/PROTOCOL.md).
+
+    Raised by :class:`service.session.Session` operations; each protocol dialect
+    renders it in its own shape (the native protocol: an ``error`` frame).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 def is_valid_channel(name: object) -> bool:
     return isinstance(name, str) and CHANNEL_PATTERN.fullmatch(name) is not None
 
 
 def iso_timestamp(seconds: float) -> str:
     """``2024-05-30T14:27:11.125Z``: UTC, millisecond precision, as in seed 000."""
-    moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    moment = datetime.fromtimestamp(seconds, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -111,22 +124,35 @@ def error_frame(code: str, message: str, ref: Any = None) -> dict[str, Any]:
     return {"type": "error", "ref": ref, "code": code, "error": message}
 
 
-def websocket_text_frame(payload: bytes) -> bytes:
-    """A complete, unmasked, uncompressed RFC 6455 text frame (what a server sends)."""
+def websocket_text_frame(payload: bytes, *, compressed: bool = False) -> bytes:
+    """A complete, unmasked RFC 6455 text frame (what a server sends); ``compressed`` sets RSV1 (RFC 7692)."""
+    first = 0xC1 if compressed else 0x81
     length = len(payload)
     if length < 126:
-        header = struct.pack("!BB", 0x81, length)
+        header = struct.pack("!BB", first, length)
     elif length <= 0xFFFF:
-        header = struct.pack("!BBH", 0x81, 126, length)
+        header = struct.pack("!BBH", first, 126, length)
     else:
-        header = struct.pack("!BBQ", 0x81, 127, length)
+        header = struct.pack("!BBQ", first, 127, length)
     return header + payload
+
+
+class Renderer(Protocol):
+    """Turns a message into the bytes one kind of connection sends (a transport's framing, a dialect's shape).
+
+    Renderers are shared objects: :meth:`PreparedMessage.rendered` caches each
+    one's result on the message, so an event is rendered once per renderer,
+    however many connections use it.
+    """
+
+    def render(self, message: PreparedMessage) -> bytes:
+        """The bytes for ``message``."""
 
 
 class PreparedMessage:
     """One outgoing message, encoded once for any number of recipients."""
 
-    __slots__ = ("payload", "position", "key", "exclude_user", "__dict__")
+    __slots__ = ("__dict__", "_renderings", "exclude_user", "key", "payload", "position")
 
     def __init__(
         self,
@@ -143,6 +169,7 @@ class PreparedMessage:
         self.key = key
         #: A user who must not receive it (the sender of a typing indicator).
         self.exclude_user = exclude_user
+        self._renderings: dict[Renderer, bytes] | None = None
 
     @classmethod
     def for_event(cls, event: Event) -> PreparedMessage:
@@ -153,4 +180,15 @@ class PreparedMessage:
 
     @cached_property
     def websocket_frame(self) -> bytes:
+        """The plain WebSocket text frame (the fan-out's common case, so an attribute rather than a renderer)."""
         return websocket_text_frame(self.payload)
+
+    def rendered(self, renderer: Renderer) -> bytes:
+        """``renderer``'s bytes for this message, computed once for every connection that uses that renderer."""
+        renderings = self._renderings
+        if renderings is None:
+            renderings = self._renderings = {}
+        data = renderings.get(renderer)
+        if data is None:
+            data = renderings[renderer] = renderer.render(self)
+        return data

@@ -31,14 +31,20 @@ COUNTED_CHANNELS = 10_000
 
 
 class Subscriber(Protocol):
+    """A connection as the hub sees it (a :class:`service.session.Session`)."""
+
     def deliver(self, message: PreparedMessage) -> None:
         """Queue ``message`` for sending without blocking; must not raise."""
 
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
+    def close(self, code: int, reason: str) -> None:
         """Start closing the connection with ``code``."""
 
+
+class Writer(Protocol):
+    """A connection's outbox (a transport): what :meth:`Hub.write_soon` flushes."""
+
     def write_outbox(self) -> None:
-        """Write the frames queued since the last call (see :meth:`Hub.write_soon`)."""
+        """Write the frames queued since the last call."""
 
     # Optional, read with getattr so a transport may leave them out (the dashboard then shows no figure):
     # ``queued_bytes() -> int``: bytes accepted for this connection and not yet taken by the kernel;
@@ -56,28 +62,28 @@ class Hub:
         #: names cannot grow it without bound.
         self.channel_events: BoundedCounts[ChannelKey] = BoundedCounts(COUNTED_CHANNELS)
         #: Subscribers with frames waiting in their outbox, written at the end of this loop iteration.
-        self._pending: list[Subscriber] = []
+        self._pending: list[Writer] = []
 
     # Coalescing ------------------------------------------------------------
 
-    def write_soon(self, subscriber: Subscriber) -> None:
-        """Have ``subscriber.write_outbox()`` called once, at the end of this loop iteration.
+    def write_soon(self, writer: Writer) -> None:
+        """Have ``writer.write_outbox()`` called once, at the end of this loop iteration.
 
         A socket's frames from every event fanned out in one iteration (a burst
         the watcher read in one go) leave in one ``send()``: the system call,
         not the Python around it, is what a delivery costs.
         """
-        self._pending.append(subscriber)
+        self._pending.append(writer)
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self._write_pending)
 
     def _write_pending(self) -> None:
         pending, self._pending = self._pending, []
-        for subscriber in pending:
+        for writer in pending:
             try:
-                subscriber.write_outbox()
-            except Exception:  # one broken subscriber must not starve the others
-                log.exception("writing to a subscriber failed")
+                writer.write_outbox()
+            except Exception:  # one broken connection must not starve the others
+                log.exception("writing to a connection failed")
 
     # Connections -----------------------------------------------------------
 

@@ -8,7 +8,7 @@ import time
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up. ``take()`` is False when empty."""
 
-    __slots__ = ("rate", "burst", "tokens", "updated")
+    __slots__ = ("burst", "rate", "tokens", "updated")
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
@@ -54,3 +54,20 @@ class Buckets:
                          if b.tokens + (now - b.updated) * b.rate < b.burst}
         if len(self._buckets) >= self.max_keys:
             self._buckets.clear()
+
+
+class WindowLimit:
+    """At most ``count`` events within any ``window`` seconds. ``take()`` is False when over."""
+
+    __slots__ = ("count", "times", "window")
+
+    def __init__(self, count: int, window: float) -> None:
+        self.count = count
+        self.window = window
+        self.times: list[float] = []
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.times = [t for t in self.times if now - t < self.window]
+        self.times.append(now)
+        return len(self.times) <= self.count

@@ -2,12 +2,17 @@
 
 Request lines are written by :func:`log_request` (Tornado's ``log_function``),
 which drops the values of credential query parameters; the default Tornado
-access log would print ``?access_token=…`` in full.
+access log would print ``?access_token=…`` in full. Every other line, from any
+logger (Tornado's uncaught-exception log prints the request URI, a library's
+warning may quote a header), passes :class:`RedactingFilter` on the root
+handlers: credential parameters, bearer tokens and anything shaped like a JWT
+are replaced by ``***`` in the message and in the traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -29,6 +34,35 @@ def redact_uri(uri: str) -> str:
         return uri
     pairs = [(k, "***" if k.lower() in SECRET_PARAMETERS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
     return parts._replace(query=urlencode(pairs, safe="*")).geturl()
+
+
+#: A credential in free text: ``access_token=…`` (any of SECRET_PARAMETERS), ``Bearer …``, or a JWT on its own.
+_SECRET_TEXT = re.compile(
+    r"(?i)(?P<key>\b(?:" + "|".join(sorted(SECRET_PARAMETERS)) + r")=|\bbearer\s+)[^\s&\"'<>,;)]+"
+    r"|(?P<jwt>\beyJ[\w-]+\.[\w-]+\.[\w-]*)"
+)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with credential values, bearer tokens and JWTs replaced by ``***``."""
+    return _SECRET_TEXT.sub(lambda m: (m.group("key") or "") + "***", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts credentials from a record's message and traceback before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
+        return True
 
 
 def redacted_url(url: str) -> str:
@@ -60,7 +94,7 @@ class ConnectionLogger(logging.LoggerAdapter):
     """Prefixes every line with the connection id and adds it as a field for JSON lines."""
 
     def process(self, msg, kwargs):
-        connection_id = self.extra["connection_id"]
+        connection_id = (self.extra or {}).get("connection_id")
         kwargs.setdefault("extra", {})["connection_id"] = connection_id
         return f"connection {connection_id}: {msg}", kwargs
 
@@ -79,8 +113,8 @@ class JsonFormatter(logging.Formatter):
         connection_id = getattr(record, "connection_id", None)
         if connection_id is not None:
             line["connection_id"] = connection_id
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+        if record.exc_text or record.exc_info:
+            line["exception"] = record.exc_text or self.formatException(record.exc_info)  # type: ignore[arg-type]
         return orjson.dumps(line).decode()
 
 
@@ -95,6 +129,7 @@ def configure_logging(level: str, log_format: str = "auto") -> None:
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     handler.setFormatter(formatter)
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

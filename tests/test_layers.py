@@ -15,11 +15,6 @@ import pytest
 
 HANDLERS = Path(__file__).resolve().parent.parent / "handlers"
 
-#: Handlers being rebuilt onto the service's Session core by issue 13 (branch h13); until it merges they still
-#: read storage directly. Remove an entry when its file passes (the test then reports XPASS).
-REBUILT_BY_ISSUE_13 = {"sse.py", "conversation.py"}
-
-
 def storage_accesses(source: str) -> list[str]:
     """Each place ``source`` imports storage or reaches an ``.storage`` attribute, as ``line: what``."""
     found = []
@@ -33,11 +28,7 @@ def storage_accesses(source: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(path, id=path.name, marks=[pytest.mark.xfail(reason="rewritten onto the service by issue 13")]
-                 if path.name in REBUILT_BY_ISSUE_13 else [])
-    for path in sorted(HANDLERS.glob("*.py"))
-])
+@pytest.mark.parametrize("path", [pytest.param(path, id=path.name) for path in sorted(HANDLERS.glob("*.py"))])
 def test_handlers_never_touch_storage(path: Path):
     assert storage_accesses(path.read_text()) == [], f"{path.name} reaches storage; go through service.app.Eddy"
 

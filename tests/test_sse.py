@@ -341,3 +341,32 @@ async def test_expired_token_ends_the_stream_with_an_error_message(http_server, 
     assert message["event"] == "error" and message["json"]["code"] == "TOKEN_EXPIRED"
     await asyncio.wait_for(stream.done, TIMEOUT)
     assert eddy.hub.connection_count == 0
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.settings(max_connections_per_user=1)
+async def test_streams_count_in_the_per_user_cap(http_server, http_port, eddy):
+    """A user's SSE streams and sockets share EDDY_MAX_CONNECTIONS_PER_USER: the oldest is closed."""
+    token = make_token()
+    stream = SSEStream(http_port, "channels=tickets", token)
+    assert (await stream.next())["event"] == "connected"
+    socket = await Client.connect(http_port, "/ws/tickets/stream", token)
+    assert (await socket.recv())["type"] == "connected"
+    response = await asyncio.wait_for(stream.done, TIMEOUT)  # the stream, the oldest, was ended
+    assert getattr(response, "code", None) == 200
+    await publish(http_port, "tickets", "after", None)
+    assert (await socket.recv_type("event"))["event"] == "after"  # the socket was kept
+    socket.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.settings(max_buffered_bytes=16 * 1024)
+async def test_a_resume_larger_than_the_send_bound_is_streamed_as_the_client_reads(http_server, http_port, eddy):
+    """The replay waits for the client below the bound instead of buffering the whole history (or closing it)."""
+    token = make_token()
+    ids = [(await publish(http_port, "tickets", "big", {"pad": "x" * 1000, "n": n}, token))["id"] for n in range(60)]
+    stream = SSEStream(http_port, "channels=tickets&since=0", token)
+    assert (await stream.next())["event"] == "connected"
+    received = [(await stream.next())["id"] for _ in ids]
+    assert received == ids  # 60 KB through a 16 KiB bound, in order, nothing lost
+    stream.close()

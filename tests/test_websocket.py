@@ -156,12 +156,12 @@ async def test_too_many_channels(http_server, http_port, eddy):
 
 @pytest.mark.gen_test
 async def test_internal_error_is_reported_and_connection_survives(http_server, http_port, eddy, monkeypatch):
-    from handlers.websocket import EventSocket
+    from service import protocol
 
-    def broken(self, frame, ref):
+    async def broken(session, frame, ref):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(EventSocket, "on_ping", broken)
+    monkeypatch.setitem(protocol.FRAMES, "ping", broken)
     client = await Client.connect(http_port, "/ws/tickets/stream", make_token())
     await client.recv()
     error = await client.request({"type": "ping", "ref": 1})
