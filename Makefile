@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SERVE_STAMP := $(VENV)/.installed-serve
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: serve test bench loadtest docs clean
+.PHONY: serve test lint bench loadtest docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,13 @@ NODE_WS := tests/node/ws/node_modules/.package-lock.json
 $(NODE_WS): tests/node/ws/package.json tests/node/ws/package-lock.json
 	if command -v npm >/dev/null; then cd tests/node/ws && npm ci --no-audit --no-fund --silent; fi
 
-test: $(TEST_STAMP) $(NODE_WS)
+test: lint $(NODE_WS)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Type check and lint (settings in pyproject.toml); part of every `make test`.
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check service handlers storage
+	$(VENV)/bin/mypy
 
 bench: $(TEST_STAMP)
 	$(PY) -m loadtests.bench $(BENCH_ARGS)

@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 
 from service import frames, metrics
 from service.app import ChannelRefused, Eddy
@@ -124,7 +125,7 @@ class EventsHandler(ApiHandler):
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, "BODY_TOO_LARGE", f"the body is over {limit} bytes")
         # Let Tornado read a little past the limit so that we, not it, refuse it.
-        self.request.connection.set_max_body_size(limit + 1)
+        cast(HTTP1Connection, self.request.connection).set_max_body_size(limit + 1)
 
     def data_received(self, chunk: bytes) -> None:
         self._body += chunk

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import tornado.web
@@ -99,6 +100,7 @@ class Eddy:
             settings.storage, history_size=settings.history_size, history_ttl=settings.history_ttl
         )
         uses_secret = any(a.strip().upper().startswith("HS") for a in settings.jwt_algorithms.split(","))
+        self.dev_secret_file: Path | None
         secret, self.dev_secret_file = (
             resolve_secret(settings.jwt_secret, settings.secret_file, settings.storage, create=True)
             if uses_secret else (None, None)
@@ -277,7 +279,7 @@ class Eddy:
                 del self._user_connections[key]
 
     async def publish(
-        self, identity: Identity, channel: str, event: str, data: Any, *, idempotency_key: str | None = None,
+        self, identity: Identity, channel: object, event: str, data: Any, *, idempotency_key: str | None = None,
         via: str = "http",
     ) -> Event:
         """Store an event ``identity`` publishes over HTTP (or, with ``via="socket"``, from a socket, where only
@@ -310,7 +312,7 @@ class Eddy:
         except RecordRefused as exc:
             raise InvalidInput(str(exc)) from None
 
-    async def schedule(self, identity: Identity, channel: str, event: str, data: Any, deliver_at: float, *,
+    async def schedule(self, identity: Identity, channel: object, event: str, data: Any, deliver_at: float, *,
                        idempotency_key: str | None = None) -> ScheduledEvent:
         """Keep an event until ``deliver_at``; the scheduler publishes it then.
 

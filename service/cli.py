@@ -117,7 +117,7 @@ async def shutdown(eddy, server: tornado.httpserver.HTTPServer, timeout: float) 
     try:
         await asyncio.wait_for(server.close_all_connections(), max(0.1, deadline - loop.time()))
         await asyncio.wait_for(eddy.stop(), max(0.1, deadline - loop.time()))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.error("shutdown deadline of %.1fs passed; exiting with work unfinished", timeout)
 
 
@@ -214,7 +214,7 @@ async def _tail(args: argparse.Namespace, secret: str) -> int:
     joins = [client.join(channel, since=args.since) for channel in args.channels]
     try:
         await client.connect()
-        for channel, joining in zip(args.channels, joins):
+        for channel, joining in zip(args.channels, joins, strict=True):
             try:
                 await joining
             except EddyError as exc:

@@ -399,7 +399,7 @@ class EddyClient:
             ws = await websocket_connect(request)
         except HTTPClientError as exc:
             return self._refused(exc)
-        except (OSError, StreamClosedError, WebSocketError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, StreamClosedError, WebSocketError) as exc:
             return "retry", None, ("CONNECT_FAILED", f"cannot connect: {exc!r}")
         if not self._wanted:
             ws.close(CLOSE_NORMAL, "client closed")
@@ -485,10 +485,10 @@ class EddyClient:
         waiters, self._connect_waiters = self._connect_waiters, []
         for waiter in waiters:
             if not waiter.done():
-                if error is None:
+                if error is None and self.user is not None:
                     waiter.set_result(self.user)
                 else:
-                    waiter.set_exception(error)
+                    waiter.set_exception(error or EddyError("DISCONNECTED", "connection lost before connected"))
 
     def _lost_socket(self) -> None:
         """The socket is gone: frames sent but not answered go back to the front of the queue (or fail)."""
@@ -559,10 +559,10 @@ class EddyClient:
         # Rooms the server subscribes at connect (user:, tenant, role:, a /ws/<c>/stream channel) replay
         # nothing: fetch what they missed with sync, holding their live events meanwhile.
         for channel in self._auto_rooms:
-            room = self._rooms.get(channel)
+            auto_room = self._rooms.get(channel)
             start = None
-            if room is not None:
-                start = room.last_id or room.floor
+            if auto_room is not None:
+                start = auto_room.last_id or auto_room.floor
             elif channel in previous:
                 start = self._last_seen.get(channel) or self._high_water
             if start is None:

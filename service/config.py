@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, cast
 
 
 def setting(default: Any, help: str, *, flag: bool = False, secret: bool = False) -> Any:
@@ -165,6 +165,10 @@ def _load_toml(path: str) -> dict[str, Any]:
         raise ValueError(f"cannot read config file {path}: {exc}") from None
 
 
+#: The TOML value types a setting of each declared type accepts.
+_TOML_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
 def read_config_file(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(settings, channel rule tables) from a TOML file; ``ValueError`` names what is wrong."""
     document = _load_toml(path)
@@ -178,10 +182,10 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if name not in known:
             raise ValueError(f"{path}: unknown setting {name!r}")
         kind = str(known[name].type)
-        expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
+        expected = _TOML_TYPES[kind]
         if (isinstance(value, bool) and kind != "bool") or not isinstance(value, expected):
             raise ValueError(f"{path}: {name} must be a {known[name].type}")
-        settings[name] = float(value) if str(known[name].type) == "float" else value
+        settings[name] = float(cast(float, value)) if kind == "float" else value
     return settings, rules
 
 
@@ -198,7 +202,7 @@ def env_name(name: str) -> str:
 
 
 def _coerce(name: str, type_name: Any, raw: str) -> Any:
-    kind = {"int": int, "float": float, "str": str, "bool": _parse_bool}[str(type_name)]
+    kind = _PARSERS[str(type_name)]
     try:
         return kind(raw)
     except ValueError as exc:
@@ -214,6 +218,10 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError(raw)
 
 
+#: How each declared type is parsed from an environment variable or a flag.
+_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+
+
 def described_settings() -> Iterator[tuple[str, str, str | None, Any, str]]:
     """(name, env var, flag or None, default, help) for every setting, in declaration order."""
     for f in fields(Settings):
@@ -223,7 +231,7 @@ def described_settings() -> Iterator[tuple[str, str, str | None, Any, str]]:
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """Add a ``--flag`` for each setting declared with ``flag=True`` (default None = not given)."""
-    types = {f.name: {"int": int, "float": float, "str": str, "bool": _parse_bool}[str(f.type)] for f in fields(Settings)}
+    types = {f.name: _PARSERS[str(f.type)] for f in fields(Settings)}
     for name, env, flag, default, help_text in described_settings():
         if flag:
             parser.add_argument(

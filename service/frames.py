@@ -11,7 +11,7 @@ import re
 import struct
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import orjson
 
@@ -101,7 +101,7 @@ READ_EVENT = "$read"
 PRESENCE_EVENT = "$presence"
 
 
-def is_valid_event_name(name: object) -> bool:
+def is_valid_event_name(name: object) -> TypeGuard[str]:
     return isinstance(name, str) and 0 < len(name) <= 200 and not name.startswith(PROTOCOL_EVENT_PREFIX)
 
 

@@ -94,7 +94,7 @@ class Watcher:
 
     def _release_waiters(self) -> None:
         for position, future in self._waiters:
-            if position <= self.position and not future.done():
+            if self.position is not None and position <= self.position and not future.done():
                 future.set_result(None)
 
     def lag_seconds(self) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 from .base import (
     PARKED_OWNER,
@@ -33,7 +34,7 @@ FEED_SIZE = 100_000
 
 
 class MemoryStorage(Storage):
-    def __init__(self, url: str = "memory://", **options: float) -> None:
+    def __init__(self, url: str = "memory://", **options: Any) -> None:
         super().__init__(**options)
         self.url = url
         self._position = 0

@@ -161,7 +161,7 @@ def _row_to_scheduled(row: tuple) -> ScheduledEvent:
 
 
 class SQLiteStorage(Storage):
-    def __init__(self, url: str, **options: float) -> None:
+    def __init__(self, url: str, **options: Any) -> None:
         super().__init__(**options)
         parts = urlsplit(url)
         path = sqlite_file(url)
@@ -418,6 +418,7 @@ class SQLiteStorage(Storage):
             (draft.tenant, draft.channel, draft.event, orjson.dumps(draft.data), now, int(draft.ephemeral),
              draft.idempotency_key, orjson.dumps(draft.meta) if draft.meta is not None else None),
         )
+        assert cursor.lastrowid is not None  # an INSERT always sets it
         return Event(cursor.lastrowid, draft.tenant, draft.channel, draft.event, draft.data, now,
                      draft.ephemeral, draft.idempotency_key, draft.meta)
 
