@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import tornado.websocket
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+from tornado.websocket import WebSocketProtocol
 
 from service import frames, metrics, protocol
 from service.app import Eddy
@@ -25,7 +26,7 @@ from service.frames import FrameError, PreparedMessage
 from service.refusals import position_field
 from service.session import DRAIN_TIMEOUT, Session
 
-from . import stream_write
+from . import stream_write, strict_utf8
 from .linger import lingering
 
 
@@ -103,6 +104,10 @@ class EventSocket(tornado.websocket.WebSocketHandler):
 
     def get_compression_options(self) -> dict[str, Any] | None:
         return {} if self.deflate else None
+
+    def get_websocket_protocol(self) -> WebSocketProtocol | None:
+        # Tornado's protocol, closing with 1007 on a text message that is not UTF-8 (see handlers/strict_utf8.py).
+        return strict_utf8.install(super().get_websocket_protocol())
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         self.set_status(status)
