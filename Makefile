@@ -23,13 +23,18 @@ $(TEST_STAMP): $(SERVE_STAMP)
 serve: $(SERVE_STAMP)
 	$(VENV)/bin/eddy serve
 
-# Node's ws for the real-client matrix, from its lockfile (the tests skip it, saying why, where node is missing).
+# Node's ws for the real-client matrix, and socket.io-client for the Socket.IO dialect, from their lockfiles
+# (the tests skip them, saying why, where node is missing).
 NODE_WS := tests/node/ws/node_modules/.package-lock.json
+NODE_SOCKETIO := tests/node/socketio/node_modules/.package-lock.json
 
 $(NODE_WS): tests/node/ws/package.json tests/node/ws/package-lock.json
 	if command -v npm >/dev/null; then cd tests/node/ws && npm ci --no-audit --no-fund --silent; fi
 
-test: lint $(NODE_WS)
+$(NODE_SOCKETIO): tests/node/socketio/package.json tests/node/socketio/package-lock.json
+	if command -v npm >/dev/null; then cd tests/node/socketio && npm ci --no-audit --no-fund --silent; fi
+
+test: lint $(NODE_WS) $(NODE_SOCKETIO)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Type check and lint (settings in pyproject.toml); part of every `make test`.

@@ -38,7 +38,7 @@ class BoundedApplication(tornado.web.Application):
         return super().start_request(server_conn, request_conn)
 
 
-def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(eddy: Eddy) -> list[Any]:
     from .http import (
         DevTokenHandler,
         EventsHandler,
@@ -51,6 +51,8 @@ def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
         ScheduledHandler,
         StatsHandler,
     )
+    from .dialects import dialect_routes
+    from .socketio import socketio_routes
     from .sse import SSEHandler
     from .websocket import EventSocket
 
@@ -74,4 +76,6 @@ def routes(eddy: Eddy) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/metrics", MetricsHandler, args),
         (r"/healthz", HealthHandler, args),
         (r"/readyz", ReadyHandler, args),
+        *socketio_routes(eddy),
+        *dialect_routes(eddy),
     ]

@@ -34,6 +34,8 @@ class EventSocket(tornado.websocket.WebSocketHandler):
     """A WebSocket connection: the :class:`service.session.Transport` of one session."""
 
     kind = "websocket"
+    #: The client frames this socket understands (a dialect's socket has its own table).
+    FRAMES = protocol.NATIVE
 
     def initialize(self, eddy: Eddy) -> None:
         self.eddy = eddy
@@ -146,7 +148,7 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             self.session.start(self.resume_since, self.resume_epoch)
 
     def on_message(self, message: str | bytes) -> Any:
-        return protocol.dispatch(self.session, message)
+        return protocol.dispatch(self.session, message, self.FRAMES)
 
     def on_close(self) -> None:
         self.session.closed()
@@ -156,7 +158,7 @@ class EventSocket(tornado.websocket.WebSocketHandler):
 
     def queue(self, message: PreparedMessage) -> None:
         """Queue a frame; every frame queued in this loop iteration leaves in one write."""
-        frame = message.rendered(self.eddy.deflated_frames) if self.deflate else message.websocket_frame
+        frame = self.frame_for(message)
         if self._outbox:
             self._outbox.append(frame)
             return
@@ -165,6 +167,10 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             return
         self._outbox.append(frame)
         self.eddy.hub.write_soon(self)
+
+    def frame_for(self, message: PreparedMessage) -> bytes:
+        """The WebSocket frame this socket sends for ``message``; a dialect's socket renders its own shape."""
+        return message.rendered(self.eddy.deflated_frames) if self.deflate else message.websocket_frame
 
     def write_outbox(self) -> None:
         """Write the queued frames (called by the hub at the end of the loop iteration)."""

@@ -41,6 +41,7 @@ from .limits import Buckets
 from .logs import log_request
 from .payload import check_data
 from .presence import PresenceTracker
+from .routing import ProcessRoute
 from .rules import ChannelRule, Rules, builtin_decision
 from .scheduler import Scheduler, deliver_at_problem
 from .watcher import Watcher
@@ -120,6 +121,8 @@ class Eddy:
         #: (tenant, user) -> that user's open connections in this process, oldest first.
         self._user_connections: dict[tuple[str, str], dict[Any, None]] = {}
         self.watcher = Watcher(self.storage, self.hub)
+        #: Set by ``eddy serve --processes N``: this worker and its siblings' private ports (Socket.IO polling).
+        self.process_route: ProcessRoute | None = None
         self.started_at = time.time()
         self._keepalive: asyncio.Task[None] | None = None
         #: The store's epoch (:meth:`storage.EventLog.epoch`), read at start: ids only compare within it.

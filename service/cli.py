@@ -21,6 +21,7 @@ import tornado.process
 from .auth import SYMMETRIC, TokenVerifier, resolve_secret
 from .config import Settings, add_setting_flags
 from .logs import configure_logging, redacted_url
+from .routing import ProcessRoute
 
 log = logging.getLogger("eddy")
 
@@ -63,25 +64,37 @@ def serve(settings: Settings) -> None:
     # Create the development secret before forking so every process agrees on it.
     resolve_secret(settings.jwt_secret, settings.secret_file, settings.storage, create=True)
     sockets = tornado.netutil.bind_sockets(settings.port, settings.address, reuse_port=False)
+    route = None
     if settings.processes != 1:
         # Metrics of all processes are summed through files in one directory;
         # it must be set before prometheus_client is first imported.
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eddy-metrics-")
+        # One private loopback port per worker, so a worker can pass a Socket.IO polling request on to the
+        # worker holding its session (handlers/engineio.py, ProcessRoute).
+        count = settings.processes or tornado.process.cpu_count()
+        private = [tornado.netutil.bind_sockets(0, "127.0.0.1")[0] for _ in range(count)]
+        ports = tuple(sock.getsockname()[1] for sock in private)
         parent = os.getpid()
-        tornado.process.fork_processes(settings.processes or None)
+        index = tornado.process.fork_processes(count)
         exit_with_parent(parent)
+        sockets.append(private[index])
+        for other, sock in enumerate(private):
+            if other != index:
+                sock.close()
+        route = ProcessRoute(index, ports)
     log.info(
         "eddy listening on %s:%d (storage %s, open-file limit %d)",
         settings.address, settings.port, redacted_url(settings.storage), limit,
     )
-    asyncio.run(_run(settings, sockets))
+    asyncio.run(_run(settings, sockets, route))
 
 
-async def _run(settings: Settings, sockets) -> None:
+async def _run(settings: Settings, sockets, route: ProcessRoute | None = None) -> None:
     from .app import Eddy
 
     eddy = Eddy(settings)
+    eddy.process_route = route
     await eddy.start()
     server = tornado.httpserver.HTTPServer(
         eddy.make_app(),

@@ -120,6 +120,18 @@ class Settings:
         "", "Comma-separated browser origins allowed to open sockets besides the same origin; * allows any."
     )
 
+    # Dialects: the seeds' own clients (docs/DIALECTS.md)
+    socketio_ping_interval: float = setting(25.0, "Socket.IO: seconds between the server's Engine.IO pings.")
+    socketio_ping_timeout: float = setting(
+        20.0, "Socket.IO: seconds after a ping without the client's pong before the session is closed."
+    )
+    socketio_max_http_buffer_size: int = setting(
+        1_000_000, "Socket.IO: largest Engine.IO message or polling request body accepted (maxHttpBufferSize)."
+    )
+    socketio_recovery_window: float = setting(
+        120.0, "Socket.IO: seconds a disconnected session can be recovered with its rooms and missed events (0 = off)."
+    )
+
     # Logging
     log_level: str = setting("info", "debug, info, warning or error.", flag=True)
     log_format: str = setting("auto", "text, json, or auto (text on a terminal, JSON lines otherwise).", flag=True)
@@ -173,6 +185,8 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(settings, channel rule tables) from a TOML file; ``ValueError`` names what is wrong."""
     document = _load_toml(path)
     document.pop("collections", None)  # read by read_collection_mappings
+    for table in DIALECT_TABLES:
+        document.pop(table, None)  # read by read_dialect_tables
     rules = document.pop("channels", [])
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise ValueError(f"{path}: channels must be an array of tables ([[channels]])")
@@ -194,6 +208,20 @@ def read_collection_mappings(path: str) -> list[dict[str, Any]]:
     tables = _load_toml(path).get("collections", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ValueError(f"{path}: collections must be an array of tables ([[collections]])")
+    return tables
+
+
+#: Top-level tables of the config file that configure the dialects (service/dialects/).
+DIALECT_TABLES = ("socketio", "chat", "orders")
+
+
+def read_dialect_tables(path: str) -> dict[str, dict[str, Any]]:
+    """The ``[socketio]``, ``[chat]`` and ``[orders]`` tables of a TOML file (absent ones left out)."""
+    document = _load_toml(path)
+    tables = {name: document[name] for name in DIALECT_TABLES if name in document}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: {name} must be a table ([{name}])")
     return tables
 
 
@@ -248,7 +276,8 @@ def reference_markdown() -> str:
         "",
         "Every setting is read, in increasing precedence, from its default, the `--config` TOML file (same name,",
         "top level), its environment variable, and its `eddy serve` flag where it has one. Channel rules live in the",
-        "same TOML file as `[[channels]]` tables: see `docs/eddy.example.toml`.",
+        "same TOML file as `[[channels]]` tables: see `docs/eddy.example.toml`; the dialects' `[socketio]`, `[chat]`",
+        "and `[orders]` tables are described in `docs/DIALECTS.md`.",
         "",
         "| setting | environment | flag | default | effect |",
         "| --- | --- | --- | --- | --- |",

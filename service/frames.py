@@ -152,7 +152,7 @@ class Renderer(Protocol):
 class PreparedMessage:
     """One outgoing message, encoded once for any number of recipients."""
 
-    __slots__ = ("__dict__", "_renderings", "exclude_user", "key", "payload", "position")
+    __slots__ = ("__dict__", "_renderings", "event", "exclude_user", "key", "payload", "position")
 
     def __init__(
         self,
@@ -169,14 +169,18 @@ class PreparedMessage:
         self.key = key
         #: A user who must not receive it (the sender of a typing indicator).
         self.exclude_user = exclude_user
+        #: The event it was prepared from, for dialects that render it in their own wire format.
+        self.event: Event | None = None
         self._renderings: dict[Renderer, bytes] | None = None
 
     @classmethod
     def for_event(cls, event: Event) -> PreparedMessage:
         # Nobody needs their own typing indicator or presence change echoed back.
         exclude = event.data.get("user_id") if event.event in (TYPING_EVENT, PRESENCE_EVENT) else None
-        return cls(encode(frame_body(event)), position=event.position, key=(event.tenant, event.channel),
-                   exclude_user=exclude)
+        message = cls(encode(frame_body(event)), position=event.position, key=(event.tenant, event.channel),
+                      exclude_user=exclude)
+        message.event = event
+        return message
 
     @cached_property
     def websocket_frame(self) -> bytes:

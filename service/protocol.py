@@ -14,7 +14,8 @@ its rules stay the same.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -64,27 +65,36 @@ def parse_ref(frame: dict[str, Any]) -> Ref:
     return ref
 
 
-def handler_for(session: Session, frame: dict[str, Any]) -> FrameHandler:
+@dataclass(frozen=True)
+class FrameTable:
+    """A dialect's client frames: the function for each ``type``, and those allowed before authentication."""
+
+    handlers: Mapping[str, FrameHandler]
+    before_authentication: frozenset[str] = frozenset({"authenticate", "ping"})
+
+
+def handler_for(session: Session, frame: dict[str, Any], table: FrameTable | None = None) -> FrameHandler:
     """The table entry for ``frame``'s type; ``UNKNOWN_TYPE``, or ``UNAUTHENTICATED`` before authentication."""
+    table = table or NATIVE
     kind = frame.get("type")
     if not isinstance(kind, str):
         raise FrameError(frames.INVALID_FRAME, "a frame needs a string type")
-    handler = FRAMES.get(kind)
+    handler = table.handlers.get(kind)
     if handler is None:
         raise FrameError(frames.UNKNOWN_TYPE, f"unknown frame type {kind[:50]!r}")
-    if session.identity is None and kind not in BEFORE_AUTHENTICATION:
+    if session.identity is None and kind not in table.before_authentication:
         raise FrameError(frames.UNAUTHENTICATED, "send an authenticate frame first")
     return handler
 
 
-async def dispatch(session: Session, message: str | bytes) -> None:
+async def dispatch(session: Session, message: str | bytes, table: FrameTable | None = None) -> None:
     """Handle one client message: rate limit, decode, run its table entry; refusals become ``error`` frames."""
     ref: Ref = None
     try:
         session.check_frame_rate()
         frame = decode(message, session.eddy.settings.max_frame_bytes)
         ref = parse_ref(frame)
-        await handler_for(session, frame)(session, frame, ref)
+        await handler_for(session, frame, table)(session, frame, ref)
     except FrameError as exc:
         metrics.FRAME_ERRORS.labels(exc.code).inc()
         send(session, frames.error_frame(exc.code, exc.message, ref))
@@ -188,3 +198,5 @@ FRAMES: dict[str, FrameHandler] = {
 }
 #: Frames a connection may send before it has authenticated.
 BEFORE_AUTHENTICATION = frozenset({"authenticate", "ping"})
+#: The native protocol's table.
+NATIVE = FrameTable(FRAMES, BEFORE_AUTHENTICATION)

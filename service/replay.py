@@ -12,7 +12,7 @@ a time; the caller writes each batch before asking for the next (see
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from .frames import HISTORY_LOST, FrameError
@@ -30,19 +30,20 @@ REPLAY_PAGE = 500
 
 
 class Replay:
-    """Stored events of ``keys`` after ``since``.
+    """Stored events of ``keys`` after ``since`` (one position for all, or one per channel).
 
     :meth:`start` reads each channel's first page and says which channels
     cannot be replayed (trimmed history, storage down); :meth:`batches` then
     yields the events of the others in ascending position order.
     """
 
-    def __init__(self, read: PageReader, keys: list[ChannelKey], since: int, *, page_size: int = REPLAY_PAGE) -> None:
+    def __init__(self, read: PageReader, keys: list[ChannelKey], since: int | Mapping[ChannelKey, int], *,
+                 page_size: int = REPLAY_PAGE) -> None:
         self.read = read
-        self.since = since
         self.page_size = page_size
         #: The position each channel has been replayed up to (its cursor); read it after the replay.
-        self.sent: dict[ChannelKey, int] = {key: since for key in keys}
+        #: ``since`` may give each channel its own start (a recovered Socket.IO session's rooms).
+        self.sent: dict[ChannelKey, int] = {key: since[key] if isinstance(since, Mapping) else since for key in keys}
         self._pages: dict[ChannelKey, deque[Event]] = {}
         self._exhausted: set[ChannelKey] = set()
 

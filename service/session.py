@@ -37,7 +37,7 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -388,14 +388,14 @@ class Session:
         self.eddy.hub.disconnect(self, self.channels)
         self.channels = set()
 
-    async def begin_replay(self, keys: list[ChannelKey], since: int,
+    async def begin_replay(self, keys: list[ChannelKey], since: int | Mapping[ChannelKey, int],
                            epoch: str | None = None) -> tuple[Replay, dict[ChannelKey, FrameError]]:
         """Subscribe to ``keys`` holding their live events, and read each one's first stored page.
 
         Returns the replay to pass to :meth:`finish_replay`, and the channels
         that cannot be replayed (trimmed history, storage down) with their
         errors; those stay subscribed with their held events, for the caller
-        to :meth:`_release` (go live anyway) or unsubscribe.
+        to :meth:`release` (go live anyway) or unsubscribe.
         """
         for key in keys:
             self.holding.setdefault(key, [])
@@ -449,6 +449,10 @@ class Session:
                     self.holding.pop(key, None)
         if error is not None:
             raise error
+
+    def release(self, key: ChannelKey) -> None:
+        """Go live on a channel whose replay was refused or abandoned: deliver its held events, stop holding it."""
+        self._release(key)
 
     def _release(self, key: ChannelKey, *, after: int = -1) -> None:
         """Deliver the live events held for ``key`` that are newer than ``after`` (and every signal)."""
