@@ -207,7 +207,8 @@ class FlatRenderer:
         if event is None or event.event.startswith(frames.PROTOCOL_EVENT_PREFIX):
             return message.websocket_frame
         data = event.data if isinstance(event.data, dict) else {"data": event.data}
-        frame = {"type": event.event, **data, "timestamp": frames.iso_timestamp(event.timestamp)}
+        fields = {name: value for name, value in data.items() if name not in ("type", "timestamp")}
+        frame = {"type": event.event, **fields, "timestamp": frames.iso_timestamp(event.timestamp)}
         return frames.websocket_text_frame(frames.encode(frame))
 
 

@@ -165,7 +165,11 @@ class EngineSession:
             return
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.server.eddy.hub.write_soon(self)
+
+    def write_outbox(self) -> None:
+        """Called by the hub at the end of the loop iteration: what was queued meanwhile leaves in one write."""
+        self.flush()
 
     def flush(self) -> None:
         """Write the queue: over the WebSocket, or as the answer of a waiting polling GET."""

@@ -76,7 +76,11 @@ class PacketRenderer:
 
     def emitted(self, event: Event) -> tuple[str, Any] | None:
         if not event.event.startswith(frames.PROTOCOL_EVENT_PREFIX):
-            return event.event, event.data
+            if self.namespace.event_data is None:
+                return event.event, event.data
+            context = {"event": event.event, "id": event.id, "channel": event.channel, "data": event.data,
+                       "timestamp": frames.iso_timestamp(event.timestamp)}
+            return event.event, templates.render(self.namespace.event_data, context)
         signal = event.event[1:]
         data = dict(event.data) if isinstance(event.data, dict) else {}
         found = self.namespace.signal_for(signal, event.channel, data)

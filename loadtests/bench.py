@@ -1,14 +1,16 @@
 """Eddy side by side with peers: fan-out throughput, delivery latency, server CPU and memory.
 
     python -m loadtests.bench [--sockets 1000,2000,5000,10000] [--rate R] [--burst M] [--duration S]
-                              [--servers eddy,seed003,socketio,websockets] [--repeats K] [--smoke] [--charts]
+                              [--servers eddy,eddy-socketio,seed003,socketio,websockets] [--repeats K] [--smoke]
+                              [--charts]
 
 For each socket count, repeat and server (the order of servers rotates between
 repeats), the harness:
 
 1. starts the server as a subprocess: Eddy (``python -m service serve`` on a
    temporary SQLite file, per-address and REST limits raised, one user per
-   socket), or a peer from ``loadtests/peers/`` (seed 003 on Starlette/uvicorn,
+   socket; ``eddy-socketio``: the same Eddy with its Socket.IO dialect, every socket in one
+   room), or a peer from ``loadtests/peers/`` (seed 003 on Starlette/uvicorn,
    python-socketio on uvicorn, plain ``websockets``), or **the floor**
    (``loadtests/peers/floor.py``: one prepared frame, one bare ``os.write()`` per
    socket, nothing else), against which every server is reported as a ratio
@@ -81,9 +83,17 @@ CHARTS = ROOT / "docs" / "benchmarks"
 SECRET = "bench-secret-bench-secret-bench-secret-0"
 CHANNEL = "bench"
 EVENT = "pedido_criado"
-ALL_SERVERS = ("eddy", "seed003", "socketio", "websockets", "floor")
+ALL_SERVERS = ("eddy", "eddy-socketio", "seed003", "socketio", "websockets", "floor")
 #: The server every other one is measured against: one bare ``os.write()`` per socket per event.
 FLOOR = "floor"
+#: Eddy's Socket.IO dialect for the benchmark: every socket in the room "bench"; each emit carries the peer's
+#: {event, timestamp, data} envelope (the namespace's event_data template), so both are measured alike.
+SOCKETIO_CONFIG = """
+[[socketio.namespaces]]
+name = "/"
+rooms = ["bench"]
+event_data = { event = "{event}", timestamp = "{timestamp}", data = "{data}" }
+"""
 #: The rest of each event's data (seed 003's order fields); ``seq`` and ``sent`` are added per event.
 PAYLOAD = {"status_atual": "pendente", "cliente": "Nome do Cliente", "valor_total": "1000.00"}
 QUANTILES = 1001  # points of each run's latency quantile function kept in the JSON (for CDF charts)
@@ -528,6 +538,10 @@ class ServerSpec:
         serve = ["serve", "--port", str(port), "--address", "127.0.0.1", "--storage", storage]
         if self.name == "eddy" or self.name in STORAGE_VARIANTS:
             return [sys.executable, "-m", "service", *serve]
+        if self.name == "eddy-socketio":
+            config = Path(tmp) / "socketio.toml"
+            config.write_text(SOCKETIO_CONFIG)
+            return [sys.executable, "-m", "service", *serve, "--config", str(config)]
         if self.name in EXPERIMENTS:  # the same Eddy, unchanged, with one line run before it
             return [sys.executable, "-c", f"import sys; {EXPERIMENTS[self.name]}; sys.argv[0] = 'eddy'; "
                     "from service.cli import main; main()", *serve]
@@ -542,6 +556,9 @@ class ServerSpec:
         return env
 
     def paths(self, start: int, stop: int) -> list[str]:
+        if self.name == "eddy-socketio":  # the token on the handshake; CONNECT ("40") carries none
+            return [f"/socket.io/?EIO=4&transport=websocket&access_token={make_token(f'u{i}')}"
+                    for i in range(start, stop)]
         if self.name.startswith("eddy"):  # one user per socket, each with its own token, as real clients
             return [f"/ws/{CHANNEL}/stream?access_token={make_token(f'u{i}')}" for i in range(start, stop)]
         if self.name == "seed003":
@@ -559,6 +576,8 @@ class ServerSpec:
 
 SPECS = {
     "eddy": ServerSpec("eddy", "service", "json", "http", "/api/events", "Eddy (Tornado, SQLite)"),
+    "eddy-socketio": ServerSpec("eddy-socketio", "service", "engineio", "http", "/api/events",
+                                "Eddy's Socket.IO dialect (the same hub, WebSocket transport)"),
     **{name: ServerSpec(name, "service", "json", "http", "/api/events", f"experiment: {line}")
        for name, line in EXPERIMENTS.items()},
     **{name: ServerSpec(name, "service", "json", "http", "/api/events", f"experiment: storage URL …{query}")
@@ -1175,6 +1194,16 @@ def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], ru
                     f"{ratio(p.get('burst_e2e_p99_ms'), eddy.get('burst_e2e_p99_ms'))} | "
                     f"{ratio(p.get('cpu_us_per_delivery'), eddy.get('cpu_us_per_delivery'))} | "
                     f"{ratio(p.get('rss_mib_per_1k_sockets'), eddy.get('rss_mib_per_1k_sockets'))} |")
+        dialect, native, peer = rows.get("eddy-socketio"), rows.get("eddy"), rows.get("socketio")
+        if dialect and dialect.get("runs") and native and native.get("runs"):
+            out.append("\nEddy's Socket.IO dialect (targets: CPU per delivery ≤ 1.5× native; deliveries/s ≥ 4× "
+                       "python-socketio):\n")
+            out.append("| CPU µs per delivery: Socket.IO ÷ native | deliveries/s (burst): Socket.IO ÷ python-socketio |")
+            out.append("| ---: | ---: |")
+            versus_peer = ratio(dialect.get("burst_deliveries_per_s"), peer.get("burst_deliveries_per_s")) \
+                if peer and peer.get("runs") else "–"
+            out.append(f"| {ratio(dialect.get('cpu_us_per_delivery'), native.get('cpu_us_per_delivery'))} | "
+                       f"{versus_peer} |")
     out.append(floor_table(runs, servers))
     out.append(solo_legs_table(summary, servers))
     return "\n".join(out)

@@ -99,6 +99,9 @@ class Namespace:
     greeting: Emit | None = None
     events: dict[str, EventRule] = field(default_factory=dict)
     signals: tuple[SignalRule, ...] = ()
+    #: What a stored event's emit carries: a template over the event (``event``, ``id``, ``channel``,
+    #: ``timestamp``, ``data``); None = the published data as it is (what the seeds expect).
+    event_data: Any = None
 
     def rooms_for(self, identity: Identity) -> list[str]:
         """The automatic rooms of a connection: the templates over its token, or Eddy's own rooms."""
@@ -148,7 +151,7 @@ def parse_socketio(table: dict[str, Any] | None) -> dict[str, Namespace]:
 
 
 def _namespace(table: dict[str, Any], where: str) -> Namespace:
-    _known(table, {"name", "rooms", "greeting", "events", "signals"}, where)
+    _known(table, {"name", "rooms", "greeting", "events", "signals", "event_data"}, where)
     name = table.get("name", "/")
     if not isinstance(name, str) or not name.startswith("/") or "," in name or len(name) > 100:
         raise ValueError(f"{where}.name: a namespace starts with / (e.g. \"/atendimento\")")
@@ -165,7 +168,8 @@ def _namespace(table: dict[str, Any], where: str) -> Namespace:
             raise ValueError(f"{where}.events[{index}]: event {rule.event!r} mapped twice")
         events[rule.event] = rule
     signals = tuple(_signal(item, f"{where}.signals[{i}]") for i, item in enumerate(_tables(table, "signals", where)))
-    return Namespace(name, rooms, greeting, events, signals)
+    templates.check(table.get("event_data"), f"{where}.event_data")
+    return Namespace(name, rooms, greeting, events, signals, table.get("event_data"))
 
 
 def _event(table: dict[str, Any], where: str) -> EventRule:
