@@ -365,11 +365,16 @@ class PollingHandler(EngineRequestMixin, tornado.web.RequestHandler):
         self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
         self.set_status(204)
 
+    def _polling_sid(self) -> str | None:
+        """The request's session id (None for a handshake); :class:`EngineError` unless it is a polling request."""
+        sid, transport = self.engine_arguments()
+        if transport != Transport.POLLING.value:
+            raise EngineError(EngineError.UNKNOWN_TRANSPORT)
+        return sid
+
     async def get(self) -> None:
         try:
-            sid, transport = self.engine_arguments()
-            if transport != Transport.POLLING.value:
-                raise EngineError(EngineError.UNKNOWN_TRANSPORT)
+            sid = self._polling_sid()
             if sid is None:
                 session = self.engine.open(self.request, Transport.POLLING)
                 return self._answer([self.engine.handshake(session, [Transport.WEBSOCKET.value])])
@@ -386,9 +391,7 @@ class PollingHandler(EngineRequestMixin, tornado.web.RequestHandler):
 
     async def post(self) -> None:
         try:
-            sid, transport = self.engine_arguments()
-            if transport != Transport.POLLING.value:
-                raise EngineError(EngineError.UNKNOWN_TRANSPORT)
+            sid = self._polling_sid()
             if sid is None:
                 raise EngineError(EngineError.BAD_HANDSHAKE_METHOD)
             port = self.engine.owner_port(sid)

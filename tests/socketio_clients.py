@@ -88,6 +88,11 @@ class Clients:
     async def connect(self, socket_id: str, url: str, **options: Any) -> None:
         raise NotImplementedError
 
+    async def connected(self, socket_id: str, url: str, **options: Any) -> dict[str, Any]:
+        """Connect and wait until the socket is connected; its ``connect`` record."""
+        await self.connect(socket_id, url, **options)
+        return await self.next(socket_id, "connect")
+
     async def emit(self, socket_id: str, event: str, *args: Any, ack: int | None = None) -> None:
         raise NotImplementedError
 

@@ -73,8 +73,7 @@ async def test_the_server_pings_and_closes_a_client_that_never_pongs(http_server
 async def test_a_client_that_pongs_stays_connected(http_server, http_port):
     clients = await NodeClients.start()
     try:
-        await clients.connect("ana", f"http://127.0.0.1:{http_port}", auth={"token": seed002_token("ana")})
-        await clients.next("ana", "connect")
+        await clients.connected("ana", f"http://127.0.0.1:{http_port}", auth={"token": seed002_token("ana")})
         await asyncio.sleep(1.5)  # five heartbeats
         assert not clients.events("ana", "disconnect")
         await clients.emit("ana", "ping")
@@ -89,8 +88,7 @@ async def test_unknown_namespace_and_binary_attachments_are_refused_clearly(http
     try:
         await clients.connect("ana", f"http://127.0.0.1:{http_port}/nowhere", auth={"token": seed002_token("ana")})
         assert (await clients.next("ana", "connect_error"))["message"] == "Invalid namespace"
-        await clients.connect("bia", f"http://127.0.0.1:{http_port}", auth={"token": seed002_token("bia")})
-        await clients.next("bia", "connect")
+        await clients.connected("bia", f"http://127.0.0.1:{http_port}", auth={"token": seed002_token("bia")})
         await clients.emit("bia", "join_conversation", b"\x00binary")
         refused = await clients.next("bia", "event", "error")
         assert "binary attachments are not supported" in refused["args"][0]["message"]
@@ -106,10 +104,8 @@ async def test_a_socket_over_the_per_user_limit_is_disconnected_by_the_server(ht
     clients = await NodeClients.start()
     try:
         url = f"http://127.0.0.1:{http_port}"
-        await clients.connect("first", url, auth={"token": seed002_token("ana")}, transports=["websocket"])
-        await clients.next("first", "connect")
-        await clients.connect("second", url, auth={"token": seed002_token("ana")}, transports=["websocket"])
-        await clients.next("second", "connect")
+        await clients.connected("first", url, auth={"token": seed002_token("ana")}, transports=["websocket"])
+        await clients.connected("second", url, auth={"token": seed002_token("ana")}, transports=["websocket"])
         assert (await clients.next("first", "disconnect"))["reason"] == "io server disconnect"
     finally:
         await clients.close()

@@ -72,8 +72,7 @@ async def test_two_processes_one_sqlite_file(processes, tmp_path, transports):  
         options = {"auth": {"token": seed002_token("ana")}, "reconnectionDelay": 1500, "reconnectionDelayMax": 1500}
         if transports:
             options["transports"] = transports
-        await clients.connect("ana", f"http://127.0.0.1:{proxy_port}", **options)
-        assert (await clients.next("ana", "connect"))["recovered"] is False
+        assert (await clients.connected("ana", f"http://127.0.0.1:{proxy_port}", **options))["recovered"] is False
         await clients.emit("ana", "join_conversation", {"conversation_id": CONVERSATION})
         await clients.next("ana", "event", "joined_conversation")
 

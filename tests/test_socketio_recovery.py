@@ -37,8 +37,7 @@ async def test_recovery_after_a_dropped_transport(http_server, http_port, transp
     if transports:
         options["transports"] = transports
     try:
-        await clients.connect("ana", f"http://127.0.0.1:{http_port}/atendimento", **options)
-        assert (await clients.next("ana", "connect"))["recovered"] is False
+        assert (await clients.connected("ana", f"http://127.0.0.1:{http_port}/atendimento", **options))["recovered"] is False
         await join_ticket(clients, "ana")
         await publish(http_port, f"ticket:{TICKET}", "mensagem:nova", {"n": 0}, backend)
         assert (await clients.next("ana", "event", "mensagem:nova"))["args"][0] == {"n": 0}
@@ -66,8 +65,7 @@ async def test_a_client_that_leaves_on_purpose_is_not_recovered(http_server, htt
     clients = await NodeClients.start()
     try:
         url = f"http://127.0.0.1:{http_port}/atendimento"
-        await clients.connect("ana", url, auth={"token": seed004_token("ana")}, transports=["websocket"])
-        await clients.next("ana", "connect")
+        await clients.connected("ana", url, auth={"token": seed004_token("ana")}, transports=["websocket"])
         await clients.disconnect("ana")  # socket.disconnect(): a DISCONNECT packet, the record is forgotten
         await clients.next("ana", "disconnect")
         await asyncio.sleep(0.2)

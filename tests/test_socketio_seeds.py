@@ -66,8 +66,7 @@ class TestSeed002:
         url = f"http://127.0.0.1:{http_port}"
         try:
             for sub in ("ana", "bia"):
-                await clients.connect(sub, url, auth={"token": seed002_token(sub)}, **options)
-                await clients.next(sub, "connect")
+                await clients.connected(sub, url, auth={"token": seed002_token(sub)}, **options)
                 greeting = await clients.next(sub, "event", "connected")
                 assert greeting["args"][0] == {"message": "Connected to PyTake WebSocket", "user_id": sub}
             await clients.connect("other", url, auth={"token": seed002_token("oscar", organization="org-2")}, **options)
