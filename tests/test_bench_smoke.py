@@ -42,7 +42,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     results = json.loads(out.read_text())
     runs = {run["server"]: run for run in results["runs"]}
-    assert set(runs) == {"eddy", "seed003", "socketio", "websockets", "floor"}, output[-4000:]
+    assert set(runs) == {"eddy", "eddy-socketio", "seed003", "socketio", "websockets", "floor"}, output[-4000:]
     for server, run in runs.items():
         assert run["ok"], (server, run.get("error"), run.get("server_log"))
         assert run["connected"] == 50, (server, run["connected"])
@@ -53,3 +53,4 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert run["steady_latency_p50_ms"] is not None and run["steady_latency_p50_ms"] >= 0
         assert run["burst_deliveries_per_s"] > 0
     assert "50 sockets" in output and "Eddy's ratio to each peer" in output and "× the floor" in output
+    assert "Eddy's Socket.IO dialect" in output
