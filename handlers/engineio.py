@@ -455,6 +455,7 @@ class EngineSocket(EngineRequestMixin, tornado.websocket.WebSocketHandler):
         self.probing: EngineSession | None = None
         #: The upgrade of another worker's session (``--processes N``): frames are relayed to it.
         self.relay: tornado.websocket.WebSocketClientConnection | None = None
+        self._relaying: asyncio.Task[None] | None = None
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -524,7 +525,7 @@ class EngineSocket(EngineRequestMixin, tornado.websocket.WebSocketHandler):
         except OSError:
             self.close()
             return
-        asyncio.get_running_loop().create_task(self._relay_back(self.relay))
+        self._relaying = asyncio.get_running_loop().create_task(self._relay_back(self.relay))
 
     async def _relay_back(self, relay: tornado.websocket.WebSocketClientConnection) -> None:
         while (message := await relay.read_message()) is not None:

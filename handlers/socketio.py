@@ -127,6 +127,8 @@ class SocketIOConnection:
         self.server = server
         self.session = session
         self.sockets: dict[str, NamespaceSocket] = {}
+        #: CONNECTs being authenticated (the loop keeps only weak references to tasks).
+        self._connecting: set[asyncio.Task[None]] = set()
 
     def send(self, kind: PacketType, namespace: str, data: Any = socketio._MISSING, ack_id: int | None = None) -> None:
         self.session.send(engine_message(socketio.encode(kind, namespace, data, ack_id)))
@@ -145,7 +147,9 @@ class SocketIOConnection:
         socket = self.sockets.get(packet.namespace)
         if packet.type is PacketType.CONNECT:
             if socket is None:
-                asyncio.get_running_loop().create_task(self.connect(packet))
+                task = asyncio.get_running_loop().create_task(self.connect(packet))
+                self._connecting.add(task)
+                task.add_done_callback(self._connecting.discard)
         elif socket is None:
             return  # a packet for a namespace this client is not in: ignored, as Socket.IO servers do
         elif packet.type is PacketType.EVENT:
