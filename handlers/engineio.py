@@ -91,8 +91,22 @@ class EngineServer:
         self.max_payload = settings.socketio_max_http_buffer_size
         self.route = eddy.process_route
         self._http: AsyncHTTPClient | None = None
+        #: Open sessions per client address.
+        self._addresses: dict[str, int] = {}
+
+    def admit(self, request: HTTPServerRequest) -> None:
+        """``FORBIDDEN`` when the request's address holds ``max_connections_per_ip`` sessions already.
+
+        A session counts from its handshake, before any namespace is connected, so handshakes alone cannot pile
+        up; the Socket.IO sockets inside count toward the address's connections too, like native sockets.
+        """
+        if self._addresses.get(request.remote_ip or "", 0) >= self.eddy.settings.max_connections_per_ip:
+            metrics.DROPPED.labels("connections_per_ip").inc()
+            raise EngineError(EngineError.FORBIDDEN, "too many sessions from this address")
 
     def open(self, request: HTTPServerRequest, transport: Transport) -> EngineSession:
+        address = request.remote_ip or ""
+        self._addresses[address] = self._addresses.get(address, 0) + 1
         prefix = f"{self.route.index}." if self.route is not None else ""
         session = EngineSession(self, request, transport, prefix)
         self.sessions[session.sid] = session
@@ -109,6 +123,12 @@ class EngineServer:
     def forget(self, session: EngineSession) -> None:
         if self.sessions.pop(session.sid, None) is not None:
             metrics.CONNECTIONS.labels("socketio").dec()
+            address = session.request.remote_ip or ""
+            count = self._addresses.get(address, 1) - 1
+            if count > 0:
+                self._addresses[address] = count
+            else:
+                self._addresses.pop(address, None)
 
     def handshake(self, session: EngineSession, upgrades: list[str]) -> bytes:
         return engineio.open_packet(session.sid, upgrades, self.ping_interval, self.ping_timeout, self.max_payload)
@@ -376,6 +396,7 @@ class PollingHandler(EngineRequestMixin, tornado.web.RequestHandler):
         try:
             sid = self._polling_sid()
             if sid is None:
+                self.engine.admit(self.request)
                 session = self.engine.open(self.request, Transport.POLLING)
                 return self._answer([self.engine.handshake(session, [Transport.WEBSOCKET.value])])
             port = self.engine.owner_port(sid)
@@ -460,12 +481,14 @@ class EngineSocket(EngineRequestMixin, tornado.websocket.WebSocketHandler):
     async def get(self, *args: Any, **kwargs: Any) -> None:
         try:
             sid, _transport = self.engine_arguments()
-            if sid is not None and self.engine.owner_port(sid) is None:
+            if sid is None:
+                self.engine.admit(self.request)
+            elif self.engine.owner_port(sid) is None:
                 session = self.engine.get(sid)
                 if session.transport is not Transport.POLLING or session.upgrading:
                     raise EngineError(EngineError.BAD_REQUEST, "this session cannot upgrade")
         except EngineError as exc:
-            self.set_status(400)
+            self.set_status(403 if exc.code == EngineError.FORBIDDEN else 400)
             self.set_header("Content-Type", "application/json")
             self.finish(exc.body())
             return

@@ -122,6 +122,16 @@ class TestSeed003Orders:
         assert json.loads(printed[1].removeprefix("Pong recebido: ")) == {"type": "pong", "timestamp": "123"}
 
     @pytest.mark.gen_test(timeout=30)
+    async def test_websockets_protocol_pings_are_answered(self, http_server, http_port):
+        """The ``websockets`` client pings every 20 s by default; here every 0.2 s, the same path, sooner."""
+        uri = f"ws://127.0.0.1:{http_port}/ws/pedidos?token={make_token('loja', tenant='sgp')}"
+        async with websockets.connect(uri, ping_interval=0.2, ping_timeout=1) as websocket:
+            assert json.loads(await websocket.recv())["type"] == "connected"
+            await asyncio.sleep(1.2)  # six protocol pings, each answered, or the client would have closed
+            await websocket.send(json.dumps({"type": "ping", "timestamp": "456"}))
+            assert json.loads(await websocket.recv()) == {"type": "pong", "timestamp": "456"}
+
+    @pytest.mark.gen_test(timeout=30)
     async def test_orders_flat_and_authenticate(self, http_server, http_port):
         token = make_token("loja-centro", tenant="sgp")
         with_query = await websockets.connect(f"ws://127.0.0.1:{http_port}/ws/pedidos?token={token}")

@@ -109,3 +109,14 @@ async def test_a_socket_over_the_per_user_limit_is_disconnected_by_the_server(ht
         assert (await clients.next("first", "disconnect"))["reason"] == "io server disconnect"
     finally:
         await clients.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.settings(max_connections_per_ip=2)
+async def test_handshakes_per_address_are_bounded(http_server, http_port):
+    sids = [await handshake(http_port) for _ in range(2)]
+    refused = await request(http_port, "EIO=4&transport=polling")
+    assert refused.code == 403 and orjson.loads(refused.body)["code"] == 4
+    # a session that ends frees its place
+    await request(http_port, f"EIO=4&transport=polling&sid={sids[0]}", "POST", b"1")
+    assert (await request(http_port, "EIO=4&transport=polling")).code == 200
