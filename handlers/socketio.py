@@ -262,6 +262,7 @@ class NamespaceSocket:
                 self.session.release(key)
             self.record.rooms.update((room, int(self.session.resume_point())) for room in record.rooms)
             return False
+        record.holder = self.record.holder  # this socket writes the record from now on
         self.record, self._replay = record, replay
         return True
 
@@ -399,7 +400,7 @@ class NamespaceSocket:
         self.session.closed()
         if identity is not None:
             recovery = self.server.recovery
-            self.session.background(recovery.forget(identity, self.record.pid) if forget
+            self.session.background(recovery.forget(identity, self.record) if forget
                                     else recovery.release(identity, self.record))
 
 

@@ -53,3 +53,30 @@ def test_seed_mappings_and_rooms_from_the_token():
 def test_mistakes_name_the_table_and_field(table, message):
     with pytest.raises(ValueError, match=message):
         parse_socketio(table)
+
+
+@pytest.mark.gen_test
+async def test_a_stale_socket_does_not_overwrite_the_record_of_the_one_that_recovered_it():
+    from service.dialects.recovery import RecoveryStore, SessionRecord
+    from storage import open_storage
+
+    storage = open_storage("memory://")
+    await storage.open()
+    try:
+        store, identity = RecoveryStore(storage, window=60), Identity("ana", "e1")
+        stale = SessionRecord("pid-1", "sid-1", "/", {"ticket:1": 10})
+        await store.save(identity, stale)
+        recovered = await store.load(identity, "pid-1", "/")
+        assert recovered is not None and recovered.rooms == {"ticket:1": 10}
+        recovered.holder = "the-new-socket"
+        recovered.rooms["ticket:2"] = 20
+        await store.save(identity, recovered)
+        await store.release(identity, stale)  # the old transport's ping timeout, later
+        current = await store.load(identity, "pid-1", "/")
+        assert current is not None and current.rooms == {"ticket:1": 10, "ticket:2": 20}
+        assert await store.load(Identity("eve", "e1"), "pid-1", "/") is None  # another user cannot recover it
+        assert await store.load(identity, "pid-1", "/other") is None
+        await store.forget(identity, recovered)
+        assert await store.load(identity, "pid-1", "/") is None
+    finally:
+        await storage.close()

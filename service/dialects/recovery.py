@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -43,16 +44,19 @@ class SessionRecord:
     namespace: str
     #: channel -> the position after which the socket received that room's events
     rooms: dict[str, int] = field(default_factory=dict)
+    #: Which socket wrote it last: a stale socket of a recovered session (its transport silently dead, noticed
+    #: only at its ping timeout) must not overwrite what the socket that recovered it wrote since.
+    holder: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def to_json(self) -> str:
-        return orjson.dumps({"sid": self.sid, "ns": self.namespace, "rooms": self.rooms}).decode()
+        return orjson.dumps({"sid": self.sid, "ns": self.namespace, "rooms": self.rooms, "holder": self.holder}).decode()
 
     @classmethod
     def from_json(cls, pid: str, text: str) -> SessionRecord | None:
         try:
             value = orjson.loads(text)
             rooms = {str(k): int(v) for k, v in value["rooms"].items()}
-            return cls(pid, str(value["sid"]), str(value["ns"]), rooms)
+            return cls(pid, str(value["sid"]), str(value["ns"]), rooms, str(value["holder"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             return None
 
@@ -85,20 +89,32 @@ class RecoveryStore:
         await self._write([self._entry(identity, record)])
 
     async def release(self, identity: Identity, record: SessionRecord) -> None:
-        """The session's transport is gone: keep the record for the window, stop refreshing it."""
+        """The session's transport is gone: keep the record for the window, stop refreshing it.
+
+        Unless another socket has recovered the session meanwhile (here or on another process): then its
+        record stands.
+        """
         if not self.enabled:
             return
-        self._live.pop(record.pid, None)
-        await self._write([self._entry(identity, record)])
+        self._stop_refreshing(record)
+        current = await self.load(identity, record.pid, record.namespace)
+        if current is None or current.holder == record.holder:
+            await self._write([self._entry(identity, record)])
 
-    async def forget(self, identity: Identity, pid: str) -> None:
+    async def forget(self, identity: Identity, record: SessionRecord) -> None:
         """The client left on purpose (a DISCONNECT packet): nothing to recover."""
-        self._live.pop(pid, None)
+        self._stop_refreshing(record)
+        pid = record.pid
         if self.enabled:
             try:
                 await self.storage.remove_presence(pid, [(identity.tenant, CHANNEL_PREFIX + pid)])
             except StorageError as exc:
                 log.warning("recovery record of a session left to expire (%s)", exc)
+
+    def _stop_refreshing(self, record: SessionRecord) -> None:
+        live = self._live.get(record.pid)
+        if live is not None and live[1] is record:
+            del self._live[record.pid]
 
     async def load(self, identity: Identity, pid: object, namespace: str) -> SessionRecord | None:
         """The unexpired record ``pid`` of this user and namespace, or None."""
