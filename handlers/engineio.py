@@ -111,7 +111,6 @@ class EngineServer:
         session = EngineSession(self, request, transport, prefix)
         self.sessions[session.sid] = session
         session.receiver = self._receiver_factory(session)
-        metrics.CONNECTIONS.labels("socketio").inc()
         return session
 
     def get(self, sid: str | None) -> EngineSession:
@@ -122,7 +121,6 @@ class EngineServer:
 
     def forget(self, session: EngineSession) -> None:
         if self.sessions.pop(session.sid, None) is not None:
-            metrics.CONNECTIONS.labels("socketio").dec()
             address = session.request.remote_ip or ""
             count = self._addresses.get(address, 1) - 1
             if count > 0:
