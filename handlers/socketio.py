@@ -183,7 +183,8 @@ class SocketIOConnection:
             return
         self.sockets[namespace.name] = socket
         record = await self.server.recovery.load(identity, auth.get("pid"), namespace.name)
-        await socket.start(record, auth.get("offset"))
+        if not socket.ended:  # the transport may have gone while the store answered
+            await socket.start(record, auth.get("offset"))
 
     def session_closed(self, reason: CloseReason) -> None:
         for socket in list(self.sockets.values()):
