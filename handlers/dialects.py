@@ -21,11 +21,11 @@ from typing import Any
 from service import frames, protocol
 from service.app import Eddy
 from service.config import read_dialect_tables
+from service.dialects.renderers import FLAT, ChatRenderer
 from service.dialects.templates import Template
-from service.frames import FrameError, PreparedMessage
+from service.frames import Event, FrameError, PreparedMessage
 from service.protocol import FrameTable, Ref
 from service.session import Session, position_field
-from storage import Event
 
 from .websocket import EventSocket
 
@@ -61,38 +61,6 @@ def _string(table: dict[str, Any], name: str, default: str, where: str) -> str:
 
 
 # Seed 001 -----------------------------------------------------------------------------
-
-
-class ChatRenderer:
-    """Eddy's events as seed 001's frames (one instance for all chat sockets, so each event renders once)."""
-
-    def __init__(self, channel: Template) -> None:
-        self.channel = channel
-        self.field = channel.fields[0]
-
-    def render(self, message: PreparedMessage) -> bytes:
-        frame = self.frame(message.event) if message.event is not None else None
-        # Anything else (connected, errors, pong…) is already the seed's shape, or a superset of it.
-        return message.websocket_frame if frame is None else frames.websocket_text_frame(frames.encode(frame))
-
-    def frame(self, event: Event) -> dict[str, Any] | None:
-        fields = self.channel.match(event.channel)
-        if fields is None:
-            return None
-        data = event.data if isinstance(event.data, dict) else {}
-        conversation = fields[self.field]
-        if event.event == "message":
-            return {"type": "message", "message": self.message(event.id, conversation, event.data,
-                                                               frames.iso_timestamp(event.timestamp))}
-        if event.event in (frames.TYPING_EVENT, frames.READ_EVENT, frames.PRESENCE_EVENT):
-            return {"type": event.event[1:], self.field: conversation, **data}
-        return None
-
-    def message(self, event_id: str, conversation: str, data: Any, created_at: str) -> dict[str, Any]:
-        """Seed 001's message object; its id is the event id (what ``sync``'s ``last_message_id`` takes)."""
-        data = data if isinstance(data, dict) else {"content": data}
-        return {"id": event_id, self.field: conversation, "user_id": data.get("user_id"),
-                "content": data.get("content"), "role": data.get("role"), "created_at": created_at}
 
 
 def chat_socket(session: Session) -> ChatSocket:
@@ -197,22 +165,6 @@ class ChatSocket(EventSocket):
 
 
 # Seed 003 -----------------------------------------------------------------------------
-
-
-class FlatRenderer:
-    """Seed 003's broadcast: the event name as ``type``, the data's fields beside it, and ``timestamp``."""
-
-    def render(self, message: PreparedMessage) -> bytes:
-        event = message.event
-        if event is None or event.event.startswith(frames.PROTOCOL_EVENT_PREFIX):
-            return message.websocket_frame
-        data = event.data if isinstance(event.data, dict) else {"data": event.data}
-        fields = {name: value for name, value in data.items() if name not in ("type", "timestamp")}
-        frame = {"type": event.event, **fields, "timestamp": frames.iso_timestamp(event.timestamp)}
-        return frames.websocket_text_frame(frames.encode(frame))
-
-
-FLAT = FlatRenderer()
 
 
 async def orders_authenticate(session: Session, frame: dict[str, Any], ref: Ref) -> None:

@@ -29,14 +29,14 @@ from service import frames, metrics
 from service.app import Eddy
 from service.auth import Identity, token_from_request
 from service.config import read_dialect_tables
-from service.dialects import engineio, socketio, templates
+from service.dialects import socketio, templates
 from service.dialects.mapping import EventRule, Namespace, Operation, parse_socketio, token_context
 from service.dialects.recovery import RecoveryStore, SessionRecord
+from service.dialects.renderers import FrameRenderer, PacketRenderer, engine_message
 from service.dialects.socketio import Packet, PacketError, PacketType
 from service.frames import FrameError, PreparedMessage
 from service.replay import Replay
 from service.session import Session
-from storage import Event
 
 from .engineio import CloseReason, EngineServer, EngineSession, EngineSocket, PollingHandler, Transport, TransportMatcher
 
@@ -51,70 +51,12 @@ def socketio_routes(eddy: Eddy) -> list[Rule]:
             Rule(TransportMatcher(Transport.POLLING), PollingHandler, args)]
 
 
-class PacketRenderer:
-    """Eddy's events as one namespace's Engine.IO MESSAGE packets; one instance per namespace (cached per event).
-
-    A stored event becomes ``emit(<event name>, <data>, <offset>)``; typing,
-    read and presence signals follow the namespace's ``signals`` tables. The
-    offset (the event id, last argument) is what socket.io-client keeps for
-    recovery; it is left out when recovery is off. Messages that are not
-    events (the native keepalive and notices) render empty: not sent.
-    """
-
-    def __init__(self, namespace: Namespace, with_offsets: bool) -> None:
-        self.namespace = namespace
-        self.with_offsets = with_offsets
-
-    def render(self, message: PreparedMessage) -> bytes:
-        event = message.event
-        emitted = self.emitted(event) if event is not None else None
-        if event is None or emitted is None:
-            return b""
-        name, data = emitted
-        arguments = [name, data, event.id] if self.with_offsets else [name, data]
-        return engine_message(socketio.encode(PacketType.EVENT, self.namespace.name, arguments))
-
-    def emitted(self, event: Event) -> tuple[str, Any] | None:
-        if not event.event.startswith(frames.PROTOCOL_EVENT_PREFIX):
-            if self.namespace.event_data is None:
-                return event.event, event.data
-            context = {"event": event.event, "id": event.id, "channel": event.channel, "data": event.data,
-                       "timestamp": frames.iso_timestamp(event.timestamp)}
-            return event.event, templates.render(self.namespace.event_data, context)
-        signal = event.event[1:]
-        data = dict(event.data) if isinstance(event.data, dict) else {}
-        found = self.namespace.signal_for(signal, event.channel, data)
-        if found is None:
-            return (signal, {"channel": event.channel, **data}) if not self.namespace.signals else None
-        rule, fields = found
-        try:
-            return rule.emit.event, templates.render(rule.emit.data, {**data, **fields, "channel": event.channel})
-        except templates.TemplateError:
-            log.warning("signal %s on %s does not fit the template of %s", signal, event.channel, rule.emit.event)
-            return None
-
-
-class FrameRenderer:
-    """The same packets as WebSocket frames, for the sockets on the WebSocket transport."""
-
-    def __init__(self, packets: PacketRenderer) -> None:
-        self.packets = packets
-
-    def render(self, message: PreparedMessage) -> bytes:
-        packet = message.rendered(self.packets)
-        return frames.websocket_text_frame(packet) if packet else b""
-
-
-def engine_message(packet: bytes) -> bytes:
-    return engineio.encode(engineio.PacketType.MESSAGE, packet)
-
-
 class SocketIOServer:
     def __init__(self, eddy: Eddy) -> None:
         self.eddy = eddy
         tables = read_dialect_tables(eddy.settings.config) if eddy.settings.config else {}
         self.namespaces = parse_socketio(tables.get("socketio"))
-        self.recovery = RecoveryStore(eddy.storage, eddy.settings.socketio_recovery_window)
+        self.recovery = RecoveryStore.of(eddy)
         self.packets = {name: PacketRenderer(ns, self.recovery.enabled) for name, ns in self.namespaces.items()}
         self.frames = {name: FrameRenderer(renderer) for name, renderer in self.packets.items()}
         self.engine = EngineServer(eddy, lambda session: SocketIOConnection(self, session))

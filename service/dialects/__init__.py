@@ -8,5 +8,6 @@ docs/DIALECTS.md.
 * :mod:`.engineio` and :mod:`.socketio`: the Engine.IO v4 and Socket.IO v5 packet codecs
 * :mod:`.templates`: ``{field}`` templates over payloads and tokens
 * :mod:`.mapping`: the ``[socketio]`` config tables: which client event does what
+* :mod:`.renderers`: events in each dialect's wire format, once per dialect
 * :mod:`.recovery`: Socket.IO connection state recovery records, kept in the store
 """

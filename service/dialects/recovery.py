@@ -24,11 +24,15 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 
 from service.auth import Identity
 from storage import PresenceEntry, Storage, StorageError
+
+if TYPE_CHECKING:
+    from service.app import Eddy
 
 log = logging.getLogger("eddy.socketio")
 
@@ -63,6 +67,11 @@ class SessionRecord:
 
 class RecoveryStore:
     """Reads and writes session records; refreshes the live ones while they last."""
+
+    @classmethod
+    def of(cls, eddy: Eddy) -> RecoveryStore:
+        """The store of ``eddy``'s storage, with its ``socketio_recovery_window``."""
+        return cls(eddy.storage, eddy.settings.socketio_recovery_window)
 
     def __init__(self, storage: Storage, window: float) -> None:
         self.storage = storage
