@@ -7,12 +7,14 @@ real clients are in tests/test_socketio_seeds.py.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import orjson
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
 from tests.socketio_clients import NodeClients, PythonClients
+from tests.support import make_token
 from tests.test_socketio_seeds import seed002_token, seed_settings
 
 
@@ -120,3 +122,17 @@ async def test_handshakes_per_address_are_bounded(http_server, http_port):
     # a session that ends frees its place
     await request(http_port, f"EIO=4&transport=polling&sid={sids[0]}", "POST", b"1")
     assert (await request(http_port, "EIO=4&transport=polling")).code == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_expired_token_gets_an_error_and_a_server_disconnect(http_server, http_port):
+    clients = await NodeClients.start()
+    try:
+        token = make_token("ana", tenant=None, organization_id="org-1", role="agent", exp=int(time.time()) + 1)
+        await clients.connected("ana", f"http://127.0.0.1:{http_port}", auth={"token": token},
+                                transports=["websocket"])
+        error = await clients.next("ana", "event", "error")
+        assert error["args"][0]["code"] == "TOKEN_EXPIRED"
+        assert (await clients.next("ana", "disconnect"))["reason"] == "io server disconnect"
+    finally:
+        await clients.close()
