@@ -159,8 +159,8 @@ class EngineSession:
         self.closed = False
         self.upgrading = False
         self.socket: EngineSocket | None = None
-        #: Packets not written yet, each as (packet bytes, WebSocket frame or None).
-        self._queue: list[tuple[bytes, bytes | None]] = []
+        #: What is not written yet: packets on polling, WebSocket frames on the WebSocket (see :meth:`upgrade`).
+        self._queue: list[bytes] = []
         self._queued_bytes = 0
         self._poll: asyncio.Future[list[bytes]] | None = None
         self._ping_handle: object | None = None
@@ -170,12 +170,19 @@ class EngineSession:
 
     # Sending -------------------------------------------------------------------
 
-    def send(self, packet: bytes, websocket_frame: bytes | None = None) -> None:
+    def send(self, packet: bytes) -> None:
         """Queue one Engine.IO packet; everything queued in this loop iteration leaves in one write."""
+        self._enqueue(packet if self.transport is Transport.POLLING else frames.websocket_text_frame(packet))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue a packet already framed for WebSocket (an event's shared frame); only on the WebSocket transport."""
+        self._enqueue(frame)
+
+    def _enqueue(self, data: bytes) -> None:
         if self.closed:
             return
-        self._queue.append((packet, websocket_frame))
-        self._queued_bytes += len(packet)
+        self._queue.append(data)
+        self._queued_bytes += len(data)
         if self.transport is Transport.POLLING and self._queued_bytes > self.server.eddy.settings.max_buffered_bytes:
             log.warning("socket.io session %s closed: slow consumer", self.sid)
             metrics.SLOW_CONSUMERS.inc()
@@ -196,12 +203,10 @@ class EngineSession:
             return
         if self.transport is Transport.WEBSOCKET and self.socket is not None:
             queued, self._queue, self._queued_bytes = self._queue, [], 0
-            data = b"".join(frame if frame is not None else frames.websocket_text_frame(packet)
-                            for packet, frame in queued)
-            self.socket.write_frames(data)
+            self.socket.write_frames(queued[0] if len(queued) == 1 else b"".join(queued))
         elif self._poll is not None and not self._poll.done() and not self.upgrading:
             queued, self._queue, self._queued_bytes = self._queue, [], 0
-            self._poll.set_result([packet for packet, _ in queued])
+            self._poll.set_result(queued)
 
     async def drained(self) -> bool:
         """Flush, and wait until the client has taken everything queued; False if the session is gone."""
@@ -228,7 +233,7 @@ class EngineSession:
             return [engineio.encode(PacketType.NOOP)]
         if self._queue:
             queued, self._queue, self._queued_bytes = self._queue, [], 0
-            return [packet for packet, _ in queued]
+            return queued
         self._poll = asyncio.get_running_loop().create_future()
         return await self._poll
 
@@ -272,6 +277,7 @@ class EngineSession:
         """``5`` arrived: from now on the WebSocket carries everything, starting with what was queued."""
         self._answer_poll([engineio.encode(PacketType.NOOP)])
         self.transport = Transport.WEBSOCKET
+        self._queue = [frames.websocket_text_frame(packet) for packet in self._queue]
         self.socket = socket
         self.upgrading = False
         self.flush()

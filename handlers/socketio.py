@@ -218,7 +218,7 @@ class NamespaceSocket:
         if engine.transport is Transport.WEBSOCKET:
             frame = message.rendered(self.frames)
             if frame:
-                engine.send(message.rendered(self.packets), frame)
+                engine.send_frame(frame)
         else:
             packet = message.rendered(self.packets)
             if packet:
