@@ -149,7 +149,8 @@ class NamespaceSocket:
         self.remote_ip = connection.session.request.remote_ip or ""
         # Socket.IO has no frame to hand over a fresh token: an expired one ends the socket (the client reconnects).
         self.session = Session(self.eddy, self, notify=self.notify, refreshable=False)
-        self.record = SessionRecord(secrets.token_urlsafe(15), secrets.token_urlsafe(15), namespace.name)
+        self.record = SessionRecord(secrets.token_urlsafe(15), secrets.token_urlsafe(15), namespace.name,
+                                    epoch=self.eddy.epoch)
         self.ended = False
         self._inbox: deque[Packet] = deque()
         #: The replay of a recovered session's missed events, sent after CONNECT.
@@ -199,13 +200,13 @@ class NamespaceSocket:
         after = int(offset) if offset is not None else 0  # none: the client received no event at all
         since = {(identity.tenant, room): max(after, joined) for room, joined in record.rooms.items()}
         self.session.automatic.update((identity.tenant, room) for room in self.namespace.rooms_for(identity))
-        replay, refused = await self.session.begin_replay(list(since), since)
+        replay, refused = await self.session.begin_replay(list(since), since, record.epoch or None)
         if refused:
             for key in since:
                 self.session.release(key)
             self.record.rooms.update((room, int(self.session.resume_point())) for room in record.rooms)
             return False
-        record.holder = self.record.holder  # this socket writes the record from now on
+        record.holder = self.record.holder  # this socket writes the record from now on (in this epoch)
         self.record, self._replay = record, replay
         return True
 

@@ -146,7 +146,7 @@ class TestSeed003Orders:
             assert authenticated["type"] == "authenticated" and authenticated["message"]
             await other.recv()
 
-            backend = make_token("api-sgp", tenant="sgp")
+            backend = make_token("api-sgp", tenant="sgp", roles=["publisher"])
             await publish(http_port, "pedidos", "pedido_criado", {"pedido_id": 123, "status_atual": "pendente",
                                                                   "cliente": "Nome", "valor_total": "1000.00"}, backend)
             for websocket in (with_query, bare):

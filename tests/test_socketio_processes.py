@@ -87,7 +87,7 @@ async def test_two_processes_one_sqlite_file(processes, tmp_path, transports):  
         assert (typing["user_id"], typing["is_typing"]) == ("ana", True)
         native.send({"type": "typing", "channel": f"conversation:{CONVERSATION}", "is_typing": True})
         assert (await clients.next("ana", "event", "user_typing"))["args"][0]["user_id"] == "bia"
-        backend = seed002_token("backend")
+        backend = seed002_token("backend", role="publisher")
         await publish(b.port, f"conversation:{CONVERSATION}", "message:new", {"n": 0}, backend)
         assert (await clients.next("ana", "event", "message:new"))["args"][0] == {"n": 0}
 
@@ -132,7 +132,7 @@ async def test_polling_under_processes_flag(processes, tmp_path, transports):  #
             await clients.next(name, "event", "connected")
             await clients.emit(name, "join_conversation", {"conversation_id": CONVERSATION})
             await clients.next(name, "event", "joined_conversation")
-        backend = seed002_token("backend")
+        backend = seed002_token("backend", role="publisher")
         for n in range(5):
             await publish(server.port, f"conversation:{CONVERSATION}", "message:new", {"n": n}, backend)
         for name in names:

@@ -32,7 +32,7 @@ async def join_ticket(clients: NodeClients, socket_id: str) -> None:
 @pytest.mark.parametrize("transports", [["websocket"], ["polling"], None])
 async def test_recovery_after_a_dropped_transport(http_server, http_port, transports):
     clients = await NodeClients.start()
-    backend = seed004_token("api")
+    backend = seed004_token("api", role="publisher")
     options = {"auth": {"token": seed004_token("ana")}, "reconnectionDelay": 1500, "reconnectionDelayMax": 1500}
     if transports:
         options["transports"] = transports

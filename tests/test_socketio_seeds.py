@@ -90,7 +90,7 @@ class TestSeed002:
             assert await quiet(clients, "ana", "user_typing")
 
             # the backend's emit_to_conversation / emit_to_user, done by publishing over REST
-            backend = seed002_token("backend")
+            backend = seed002_token("backend", role="publisher")
             message = {"id": "m-1", "conversation_id": CONVERSATION, "direction": "inbound", "content": {"text": "oi"}}
             await publish(http_port, f"conversation:{CONVERSATION}", "message:new", message, backend)
             await publish(http_port, f"conversation:{CONVERSATION}", "message:status",
@@ -181,7 +181,7 @@ class TestSeed004:
             assert refused[0]["success"] is False
             assert not clients.events("cli", "atendente:status")
 
-            backend = seed004_token("api")
+            backend = seed004_token("api", role="publisher")
             await publish(http_port, f"ticket:{ticket}", "mensagem:nova", {"id": "m1", "ticketId": ticket,
                                                                            "conteudo": "Olá"}, backend)
             await publish(http_port, "empresa:empresa-1:atendentes", "ticket:novo", {"id": "t2", "numero": "42"},

@@ -51,16 +51,19 @@ class SessionRecord:
     #: Which socket wrote it last: a stale socket of a recovered session (its transport silently dead, noticed
     #: only at its ping timeout) must not overwrite what the socket that recovered it wrote since.
     holder: str = field(default_factory=lambda: secrets.token_hex(8))
+    #: The store's epoch when the positions above were taken: they are resumed only in that epoch.
+    epoch: str = ""
 
     def to_json(self) -> str:
-        return orjson.dumps({"sid": self.sid, "ns": self.namespace, "rooms": self.rooms, "holder": self.holder}).decode()
+        return orjson.dumps({"sid": self.sid, "ns": self.namespace, "rooms": self.rooms, "holder": self.holder,
+                             "epoch": self.epoch}).decode()
 
     @classmethod
     def from_json(cls, pid: str, text: str) -> SessionRecord | None:
         try:
             value = orjson.loads(text)
             rooms = {str(k): int(v) for k, v in value["rooms"].items()}
-            return cls(pid, str(value["sid"]), str(value["ns"]), rooms, str(value["holder"]))
+            return cls(pid, str(value["sid"]), str(value["ns"]), rooms, str(value["holder"]), str(value["epoch"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             return None
 
