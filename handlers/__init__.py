@@ -39,6 +39,7 @@ class BoundedApplication(tornado.web.Application):
 
 
 def routes(eddy: Eddy) -> list[Any]:
+    from .dialects import dialect_routes
     from .http import (
         DevTokenHandler,
         EventsHandler,
@@ -51,7 +52,6 @@ def routes(eddy: Eddy) -> list[Any]:
         ScheduledHandler,
         StatsHandler,
     )
-    from .dialects import dialect_routes
     from .socketio import socketio_routes
     from .sse import SSEHandler
     from .websocket import EventSocket
