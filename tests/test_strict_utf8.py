@@ -52,7 +52,7 @@ async def test_invalid_utf8_closes_with_1007(http_server, http_port):
 
 
 def compressed_exchange(port: int, payload: bytes) -> list[tuple[int, bytes]]:
-    """Negotiate permessage-deflate on a raw socket, send ``payload`` compressed in a text frame.
+    """Negotiate permessage-deflate on a raw socket, wait for ``connected``, send ``payload`` compressed in a text frame.
 
     Returns the server's frames as (first byte, payload), up to and including its close frame.
     """
@@ -67,21 +67,27 @@ def compressed_exchange(port: int, payload: bytes) -> list[tuple[int, bytes]]:
         data += sock.recv(4096)
     head, data = data.split(b"\r\n\r\n", 1)
     assert b"permessage-deflate" in head
-    compressor = zlib.compressobj(wbits=-15)
-    body = (compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
-    frame = raw_text_frame(body)
-    sock.sendall(bytes([0xC1]) + frame[1:])  # FIN, RSV1 (compressed), text
     frames: list[tuple[int, bytes]] = []
-    while not frames or frames[-1][0] & 0x0F != 0x8:
+
+    def read_frame() -> bool:
+        nonlocal data
         while len(data) < 2 or len(data) < header_size(data) + frame_length(data):
             chunk = sock.recv(4096)
             if not chunk:
-                sock.close()
-                return frames
+                return False
             data += chunk
         start, size = header_size(data), frame_length(data)
         frames.append((data[0], data[start:start + size]))
         data = data[start + size:]
+        return True
+
+    read_frame()  # connected
+    compressor = zlib.compressobj(wbits=-15)
+    body = (compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    frame = raw_text_frame(body)
+    sock.sendall(bytes([0xC1]) + frame[1:])  # FIN, RSV1 (compressed), text
+    while frames[-1][0] & 0x0F != 0x8 and read_frame():
+        pass
     sock.close()
     return frames
 
