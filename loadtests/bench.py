@@ -46,7 +46,8 @@ its last arrival. Raw results go to ``loadtests/results/bench-<timestamp>.json``
 ``BENCH_PY_SPY_FLAGS=--native`` for C frames). ``--servers`` also accepts the
 experiments ``eddy-uvloop`` and ``eddy-nogc``: Eddy's code unchanged, run on
 uvloop or with the cyclic GC disabled; and ``eddy-normal``: Eddy with SQLite
-``synchronous=normal`` (no fsync per commit). ``--profile-phases solo``
+``synchronous=normal`` (no fsync per commit); and ``eddy-base``: Eddy from the
+source tree in ``$BENCH_BASE_TREE`` (before/after a change in one run). ``--profile-phases solo``
 profiles only the solo phase (where a lone event's time goes).
 """
 
@@ -522,6 +523,16 @@ EXPERIMENTS = {
     "eddy-uvloop": "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())",
     "eddy-nogc": "import gc; gc.disable()",
 }
+#: ``eddy-base``: Eddy from another source tree (``BENCH_BASE_TREE``, e.g. ``git archive main`` unpacked in a
+#: temporary directory), so a change and the code before it are measured side by side in the same run.
+BASE_TREE_VARIABLE = "BENCH_BASE_TREE"
+
+
+def base_tree() -> Path:
+    tree = os.environ.get(BASE_TREE_VARIABLE)
+    if not tree or not (Path(tree) / "service").is_dir():
+        raise SystemExit(f"eddy-base needs {BASE_TREE_VARIABLE}=<a directory holding another Eddy's source tree>")
+    return Path(tree)
 
 
 @dataclass
@@ -536,7 +547,7 @@ class ServerSpec:
     def command(self, port: int, tmp: str) -> list[str]:
         storage = f"sqlite:///{tmp}/eddy.db{STORAGE_VARIANTS.get(self.name, '')}"
         serve = ["serve", "--port", str(port), "--address", "127.0.0.1", "--storage", storage]
-        if self.name == "eddy" or self.name in STORAGE_VARIANTS:
+        if self.name in ("eddy", "eddy-base") or self.name in STORAGE_VARIANTS:
             return [sys.executable, "-m", "service", *serve]
         if self.name == "eddy-socketio":
             config = Path(tmp) / "socketio.toml"
@@ -547,8 +558,13 @@ class ServerSpec:
                     "from service.cli import main; main()", *serve]
         return [sys.executable, "-m", self.module, "--port", str(port)]
 
+    @property
+    def tree(self) -> Path:
+        """The source tree the server runs from (its working directory and ``PYTHONPATH``)."""
+        return base_tree() if self.name == "eddy-base" else ROOT
+
     def env(self) -> dict[str, str]:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=str(self.tree), PYTHONUNBUFFERED="1")
         if self.name.startswith("eddy"):
             env.update(EDDY_JWT_SECRET=SECRET, EDDY_LOG_LEVEL="warning",
                        # thousands of sockets from one address (the load generator), and publish bursts
@@ -582,6 +598,8 @@ SPECS = {
        for name, line in EXPERIMENTS.items()},
     **{name: ServerSpec(name, "service", "json", "http", "/api/events", f"experiment: storage URL …{query}")
        for name, query in STORAGE_VARIANTS.items()},
+    "eddy-base": ServerSpec("eddy-base", "service", "json", "http", "/api/events",
+                            f"Eddy from ${BASE_TREE_VARIABLE} (the code before a change)"),
     "seed003": ServerSpec("seed003", "loadtests.peers.seed003", "json", "http", "/pedidos",
                           "seed 003 (Starlette/uvicorn, await per socket)"),
     "socketio": ServerSpec("socketio", "loadtests.peers.socketio_peer", "engineio", "http", "/emit",
@@ -734,7 +752,7 @@ class ServerProcess:
     async def start(self, timeout: float = 30.0) -> None:
         import psutil
         log_file = open(self.log_path, "wb")
-        self.popen = subprocess.Popen(self.spec.command(self.port, self.tmp), env=self.spec.env(), cwd=ROOT,
+        self.popen = subprocess.Popen(self.spec.command(self.port, self.tmp), env=self.spec.env(), cwd=self.spec.tree,
                                       stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                       preexec_fn=die_with_parent)
         log_file.close()
