@@ -63,6 +63,11 @@ class Hub:
         self.channel_events: BoundedCounts[ChannelKey] = BoundedCounts(COUNTED_CHANNELS)
         #: Subscribers with frames waiting in their outbox, written at the end of this loop iteration.
         self._pending: list[Writer] = []
+        #: True during a lone event's fan-out: each subscriber's frame is written as it is queued.
+        self._writing_now = False
+        #: True from a fan-out to the end of its loop iteration: a second event in the same iteration is part of
+        #: a burst, so its frames (and the rest of the burst's) are coalesced.
+        self._fanned_out = False
 
     # Coalescing ------------------------------------------------------------
 
@@ -71,11 +76,33 @@ class Hub:
 
         A socket's frames from every event fanned out in one iteration (a burst
         the watcher read in one go) leave in one ``send()``: the system call,
-        not the Python around it, is what a delivery costs.
+        not the Python around it, is what a delivery costs. During a lone
+        event's fan-out (see :meth:`_deliver`) the frame is written at once
+        instead, so the first socket does not wait for the last to be queued.
         """
+        if self._writing_now:
+            writer.write_outbox()
+            return
         self._pending.append(writer)
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self._write_pending)
+
+    @property
+    def writing_now(self) -> bool:
+        """True during a lone event's fan-out: a transport may write the frame at once instead of queuing it."""
+        return self._writing_now
+
+    def _mark_fanned_out(self) -> None:
+        """Remember until the end of this loop iteration that an event was fanned out in it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a hub driven by hand, outside a loop: no iteration to share
+            return
+        self._fanned_out = True
+        loop.call_soon(self._end_of_iteration)
+
+    def _end_of_iteration(self) -> None:
+        self._fanned_out = False
 
     def _write_pending(self) -> None:
         pending, self._pending = self._pending, []
@@ -174,12 +201,20 @@ class Hub:
         return self._deliver(tuple(self._connections), message)
 
     def _deliver(self, recipients: tuple[Subscriber, ...], message: PreparedMessage) -> int:
-        # A snapshot, because a subscriber may leave while we iterate.
-        for subscriber in recipients:
-            try:
-                subscriber.deliver(message)
-            except Exception:  # one broken subscriber must not starve the others
-                log.exception("delivery to a subscriber failed")
+        # A lone event (nothing queued, no other fan-out in this loop iteration) is written to each socket
+        # as the loop reaches it; from the second event of an iteration on, frames wait for one write each.
+        self._writing_now = not self._pending and not self._fanned_out
+        if not self._fanned_out:
+            self._mark_fanned_out()
+        try:
+            # A snapshot, because a subscriber may leave while we iterate.
+            for subscriber in recipients:
+                try:
+                    subscriber.deliver(message)
+                except Exception:  # one broken subscriber must not starve the others
+                    log.exception("delivery to a subscriber failed")
+        finally:
+            self._writing_now = False
         self.deliveries += len(recipients)
         metrics.DELIVERIES.inc(len(recipients))
         return len(recipients)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
 from service.frames import PreparedMessage
@@ -209,3 +210,48 @@ def test_fan_out_counters_are_bounded():
     counted = dict(hub.channel_events.items())
     assert len(counted) == COUNTED_CHANNELS
     assert counted[("acme", "c0")] == 1 and ("acme", "c100") not in counted and counted[("acme", "c101")] == 1
+
+
+class Outbox(Recorder):
+    """A subscriber with an outbox, like a transport: queues frames, asks the hub to flush, counts its writes."""
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__()
+        self.hub, self.outbox, self.writes = hub, [], []
+
+    def deliver(self, message: PreparedMessage) -> None:
+        super().deliver(message)
+        self.outbox.append(message)
+        if len(self.outbox) == 1:
+            self.hub.write_soon(self)
+
+    def write_outbox(self) -> None:
+        self.writes.append([orjson.loads(m.payload)["id"] for m in self.outbox])
+        self.outbox = []
+
+
+def _event(position: int) -> Event:
+    return Event(position=position, tenant="t", channel="c", event="e", data=None, timestamp=0.0)
+
+
+@pytest.mark.gen_test
+async def test_a_lone_event_is_written_during_its_fan_out_and_a_burst_is_coalesced():
+    hub = Hub()
+    sockets = [Outbox(hub) for _ in range(3)]
+    for socket in sockets:
+        hub.subscribe(("t", "c"), socket)
+    hub.publish(_event(1))
+    # Written as the loop reached each socket: the first does not wait for the last to be queued.
+    assert [s.writes for s in sockets] == [[["1"]]] * 3
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    # A burst fanned out in one loop iteration: the first event alone, the rest in one write per socket.
+    for position in (2, 3, 4):
+        hub.publish(_event(position))
+    assert [s.writes for s in sockets] == [[["1"], ["2"]]] * 3
+    await asyncio.sleep(0)
+    assert [s.writes for s in sockets] == [[["1"], ["2"], ["3", "4"]]] * 3
+    # The next iteration's event is lone again.
+    await asyncio.sleep(0)
+    hub.publish(_event(5))
+    assert [s.writes[-1] for s in sockets] == [["5"]] * 3
