@@ -26,7 +26,7 @@ from service.frames import FrameError, PreparedMessage
 from service.refusals import position_field
 from service.session import DRAIN_TIMEOUT, Session
 
-from . import stream_write, strict_utf8
+from . import keepalive, stream_write, strict_utf8
 from .linger import lingering
 
 
@@ -50,6 +50,8 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         #: True when this socket negotiated permessage-deflate: its frames come from eddy.deflated_frames.
         self.deflate = False
         self._extensions_answer = ""
+        #: Whether the keepalive's last ping was answered (see :mod:`handlers.keepalive`).
+        self.pong_received = True
 
     # Handshake -------------------------------------------------------------
 
@@ -119,6 +121,12 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         )
 
     @property
+    def ping_interval(self) -> float | None:
+        # Not Tornado's ping task per connection: the application's one sweep pings every socket
+        # (handlers/keepalive.py), with the same websocket_ping_interval and _timeout settings.
+        return None
+
+    @property
     def max_message_size(self) -> int:
         # Frames up to 4x the limit are read and refused with FRAME_TOO_LARGE; beyond
         # that Tornado closes with 1009 without buffering them.
@@ -143,12 +151,18 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
         # Every close frame reaches the client, even one sent while it is still writing.
         stream.socket = lingering(stream.socket)
+        sweep = keepalive.sweep_for(self.application)
+        if sweep is not None:
+            sweep.add(self)
         self.session.open()
         if self.session.identity is not None:
             self.session.start(self.resume_since, self.resume_epoch)
 
     def on_message(self, message: str | bytes) -> Any:
         return protocol.dispatch(self.session, message, self.FRAMES)
+
+    def on_pong(self, data: bytes) -> None:
+        self.pong_received = True
 
     def on_close(self) -> None:
         self.session.closed()
@@ -165,6 +179,9 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         connection = self.ws_connection
         if connection is None or connection.is_closing():
             return
+        if self.eddy.hub.writing_now:  # a lone event: straight to the kernel, as the fan-out reaches this socket
+            self._write(connection.stream, frame)
+            return
         self._outbox.append(frame)
         self.eddy.hub.write_soon(self)
 
@@ -178,10 +195,12 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         connection = self.ws_connection  # not _open_stream(): this runs once per socket per burst
         if not frames_out or connection is None or connection.is_closing():
             return
-        stream = connection.stream
+        self._write(connection.stream, frames_out[0] if len(frames_out) == 1 else b"".join(frames_out))
+
+    def _write(self, stream: IOStream | None, data: bytes) -> None:
         assert stream is not None  # set once the connection is accepted
         try:
-            stream_write.write(stream, frames_out[0] if len(frames_out) == 1 else b"".join(frames_out))
+            stream_write.write(stream, data)
         except StreamBufferFullError:
             self._close_slow_consumer()
         except StreamClosedError:
@@ -201,6 +220,15 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             self._close_slow_consumer()
             return False
         return self._open_stream() is not None
+
+    def keepalive_closed(self) -> bool:
+        return self._open_stream() is None
+
+    def queued_bytes(self) -> int:
+        """Bytes accepted for this socket and not yet taken by the kernel: its outbox and its stream's buffer."""
+        queued = sum(map(len, self._outbox))
+        stream = self._open_stream()
+        return queued + (stream_write.buffered(stream) if stream is not None else 0)
 
     def _open_stream(self) -> IOStream | None:
         """The connection's stream while frames may still be sent on it."""
