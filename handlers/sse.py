@@ -35,6 +35,7 @@ from service.hub import ChannelKey
 from service.refusals import position_field
 from service.session import DRAIN_TIMEOUT, Session
 
+from . import stream_write
 from .http import RETRY_AFTER_SECONDS, ApiError, ApiHandler
 
 #: The HTTP status of a channel or resume the socket would refuse with an error frame.
@@ -268,6 +269,11 @@ class SSEHandler(ApiHandler):
             self._close_slow_consumer()
         except StreamClosedError:
             pass
+
+    def queued_bytes(self) -> int:
+        """Bytes accepted for this stream and not yet taken by the kernel: its outbox and the connection's buffer."""
+        queued = sum(map(len, self._outbox))
+        return queued if self._finished or self._gone.is_set() else queued + stream_write.buffered(self._stream())
 
     def _close_slow_consumer(self) -> None:
         self.session.log.warning("closed: slow consumer")

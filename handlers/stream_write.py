@@ -42,3 +42,9 @@ def write(stream: IOStream, data: bytes | memoryview) -> None:
             return
         data = memoryview(data)[sent:]
     stream.write(data)
+
+
+def buffered(stream: IOStream) -> int:
+    """Bytes queued on ``stream`` and not yet taken by the kernel (0 if a Tornado release hides them)."""
+    buffer = getattr(stream, PRIVATE_BUFFER, None)
+    return len(buffer) if buffer is not None else 0

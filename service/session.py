@@ -294,6 +294,12 @@ class Session:
     def close(self, code: int, reason: str) -> None:
         self.transport.close(code, reason)
 
+    def queued_bytes(self) -> int:
+        """Bytes queued for this connection and not yet sent (the dashboard's slowest consumers); 0 when the
+        transport does not say (an optional ``queued_bytes()`` on it)."""
+        measure = getattr(self.transport, "queued_bytes", None)
+        return measure() if measure is not None else 0
+
     def resume_point(self) -> str:
         """The id after which everything reaches this connection: where to resume if nothing arrives first."""
         return str(self.eddy.watcher.position or 0)
