@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import tornado.websocket
+from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketProtocol
 
@@ -154,9 +155,21 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         sweep = keepalive.sweep_for(self.application)
         if sweep is not None:
             sweep.add(self)
+        self._forget_handshake()
         self.session.open()
         if self.session.identity is not None:
             self.session.start(self.resume_since, self.resume_epoch)
+
+    def _forget_handshake(self) -> None:
+        """Drop what only the handshake needed: its headers, and the query with its arguments (and any token).
+
+        Tornado reads them only while accepting the connection; a live socket
+        keeps the path, for log lines about it.
+        """
+        request = self.request
+        request.headers = HTTPHeaders()
+        request.uri, request.query = request.path, ""
+        request.arguments, request.query_arguments = {}, {}
 
     def on_message(self, message: str | bytes) -> Any:
         return protocol.dispatch(self.session, message, self.FRAMES)
