@@ -158,10 +158,11 @@ class Session:
         settings = eddy.settings
         self._frames = TokenBucket(settings.frame_rate, settings.frame_burst)
         self._refused_in_a_row = 0
-        self._signals = {kind: WindowLimit(TYPING_BURST, TYPING_WINDOW) for kind in ("typing", "presence")}
+        #: Per-kind limits of typing and presence frames, created on a connection's first such frame.
+        self._signals: dict[str, WindowLimit] = {}
         self._typing_since: dict[ChannelKey, float] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] | None = None  # created with the first background task
 
     # Admission and identity ---------------------------------------------------------------
 
@@ -271,10 +272,13 @@ class Session:
     def background(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run work that outlives the current request; failures are logged, never lost silently."""
         task = asyncio.get_running_loop().create_task(coroutine)
+        if self._background is None:
+            self._background = set()
         self._background.add(task)
         task.add_done_callback(self._background_done)
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
+        assert self._background is not None
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.log.warning("background work failed: %r", task.exception())
@@ -328,7 +332,10 @@ class Session:
     def _check_signal_rate(self, kind: str) -> None:
         # Typing and presence frames fan out to every member of a channel: without a bound a
         # client's frame rate is multiplied by the channel's size.
-        if not self._signals[kind].take():
+        limit = self._signals.get(kind)
+        if limit is None:
+            limit = self._signals[kind] = WindowLimit(TYPING_BURST, TYPING_WINDOW)
+        if not limit.take():
             metrics.RATE_LIMITED.labels(kind).inc()
             raise FrameError(frames.RATE_LIMITED, f"at most {TYPING_BURST} {kind} frames per {TYPING_WINDOW:g}s")
 
