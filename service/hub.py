@@ -28,6 +28,9 @@ log = logging.getLogger("eddy.hub")
 ChannelKey = tuple[str, str]  # (tenant, channel)
 #: Channels whose fan-out the hub counts for /api/stats at once.
 COUNTED_CHANNELS = 10_000
+#: An event fanned out after this long without a fan-out (seconds), with nothing queued, is a lone event:
+#: written to each socket at once. Events closer together are a burst: coalesced, one write per socket.
+LONE_GAP = 0.05
 
 
 class Subscriber(Protocol):
@@ -68,6 +71,8 @@ class Hub:
         #: True from a fan-out to the end of its loop iteration: a second event in the same iteration is part of
         #: a burst, so its frames (and the rest of the burst's) are coalesced.
         self._fanned_out = False
+        #: When the last fan-out ended (time.monotonic()).
+        self._last_fan_out = -LONE_GAP
 
     # Coalescing ------------------------------------------------------------
 
@@ -201,9 +206,11 @@ class Hub:
         return self._deliver(tuple(self._connections), message)
 
     def _deliver(self, recipients: tuple[Subscriber, ...], message: PreparedMessage) -> int:
-        # A lone event (nothing queued, no other fan-out in this loop iteration) is written to each socket
-        # as the loop reaches it; from the second event of an iteration on, frames wait for one write each.
-        self._writing_now = not self._pending and not self._fanned_out
+        # A lone event (nothing queued, no other fan-out in this loop iteration nor in the last LONE_GAP
+        # seconds) is written to each socket as the loop reaches it; the events of a burst wait for one
+        # write per socket per loop iteration.
+        self._writing_now = not self._pending and not self._fanned_out \
+            and time.monotonic() - self._last_fan_out >= LONE_GAP
         if not self._fanned_out:
             self._mark_fanned_out()
         try:
@@ -215,6 +222,7 @@ class Hub:
                     log.exception("delivery to a subscriber failed")
         finally:
             self._writing_now = False
+            self._last_fan_out = time.monotonic()
         self.deliveries += len(recipients)
         metrics.DELIVERIES.inc(len(recipients))
         return len(recipients)
