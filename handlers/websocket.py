@@ -159,6 +159,9 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         self.session.open()
         if self.session.identity is not None:
             self.session.start(self.resume_since, self.resume_epoch)
+        # `connected` leaves now, before the first client frame is read: a frame that fails the connection
+        # (invalid UTF-8 closes at the protocol level, without this handler's close()) must not overtake it.
+        self.write_outbox()
 
     def _forget_handshake(self) -> None:
         """Drop what only the handshake needed: its headers, and the query with its arguments (and any token).
