@@ -27,7 +27,7 @@ from service.frames import FrameError, PreparedMessage
 from service.refusals import position_field
 from service.session import DRAIN_TIMEOUT, Session
 
-from . import keepalive, stream_write, strict_utf8
+from . import stream_write, strict_utf8
 from .linger import lingering
 
 
@@ -51,8 +51,6 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         #: True when this socket negotiated permessage-deflate: its frames come from eddy.deflated_frames.
         self.deflate = False
         self._extensions_answer = ""
-        #: Whether the keepalive's last ping was answered (see :mod:`handlers.keepalive`).
-        self.pong_received = True
 
     # Handshake -------------------------------------------------------------
 
@@ -122,12 +120,6 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         )
 
     @property
-    def ping_interval(self) -> float | None:
-        # Not Tornado's ping task per connection: the application's one sweep pings every socket
-        # (handlers/keepalive.py), with the same websocket_ping_interval and _timeout settings.
-        return None
-
-    @property
     def max_message_size(self) -> int:
         # Frames up to 4x the limit are read and refused with FRAME_TOO_LARGE; beyond
         # that Tornado closes with 1009 without buffering them.
@@ -152,9 +144,6 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
         # Every close frame reaches the client, even one sent while it is still writing.
         stream.socket = lingering(stream.socket)
-        sweep = keepalive.sweep_for(self.application)
-        if sweep is not None:
-            sweep.add(self)
         self._forget_handshake()
         self.session.open()
         if self.session.identity is not None:
@@ -176,9 +165,6 @@ class EventSocket(tornado.websocket.WebSocketHandler):
 
     def on_message(self, message: str | bytes) -> Any:
         return protocol.dispatch(self.session, message, self.FRAMES)
-
-    def on_pong(self, data: bytes) -> None:
-        self.pong_received = True
 
     def on_close(self) -> None:
         self.session.closed()
@@ -236,9 +222,6 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             self._close_slow_consumer()
             return False
         return self._open_stream() is not None
-
-    def keepalive_closed(self) -> bool:
-        return self._open_stream() is None
 
     def queued_bytes(self) -> int:
         """Bytes accepted for this socket and not yet taken by the kernel: its outbox and its stream's buffer."""
