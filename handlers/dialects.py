@@ -18,6 +18,8 @@ import re
 import time
 from typing import Any
 
+from tornado.websocket import WebSocketProtocol
+
 from service import frames, protocol
 from service.app import Eddy
 from service.config import read_dialect_tables
@@ -27,6 +29,7 @@ from service.frames import Event, FrameError, PreparedMessage
 from service.protocol import FrameTable, Ref
 from service.session import Session, position_field
 
+from . import stream_write
 from .websocket import EventSocket
 
 CHAT_PATH = "/ws/chat"
@@ -163,6 +166,9 @@ class ChatSocket(EventSocket):
     def frame_for(self, message: PreparedMessage) -> bytes:
         return message.rendered(self.renderer)
 
+    def make_lane(self, connection: WebSocketProtocol) -> stream_write.Lane | None:
+        return None  # queue() drops this connection's own messages: every event goes through it
+
 
 # Seed 003 -----------------------------------------------------------------------------
 
@@ -200,3 +206,6 @@ class OrdersSocket(EventSocket):
 
     def frame_for(self, message: PreparedMessage) -> bytes:
         return message.rendered(FLAT)
+
+    def make_lane(self, connection: WebSocketProtocol) -> stream_write.Lane | None:
+        return stream_write.Lane(connection, FLAT, self) if stream_write.has_lane(connection.stream) else None

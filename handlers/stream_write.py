@@ -1,21 +1,31 @@
-"""The fan-out's fast path: a connection's queued bytes in one ``send()``, one of two uses of Tornado's private state.
+"""The fan-out's fast path: a connection's bytes in one ``send()``, one of two uses of Tornado's private state.
 
 ``IOStream.write`` creates a Future, schedules its callback and touches the
 poller for every call: 2-3x the cost of a whole fan-out delivery. When nothing
 is queued on a plain TCP stream, one ``socket.send()`` puts the bytes in the
 kernel's buffer instead, and only what did not fit goes through
 ``IOStream.write``. Knowing that nothing is queued needs ``IOStream``'s
-private ``_write_buffer``; if a Tornado release renames it, :func:`write`
-falls back to ``IOStream.write`` for everything (correct, only slower), and
-``tests/test_stream_write.py`` fails loudly so the fast path gets fixed.
+private state: :func:`write` reads its ``_write_buffer``, and a :class:`Lane`
+(a lone event's path, which must touch as little memory per socket as it can)
+compares its two write indexes. If a Tornado release renames them, :func:`write`
+falls back to ``IOStream.write`` for everything and no lane is made (correct,
+only slower), and ``tests/test_stream_write.py`` fails loudly so the fast path
+gets fixed.
 """
 
 from __future__ import annotations
 
-from tornado.iostream import IOStream
+from typing import Protocol
 
-#: The private attribute the fast path reads: IOStream's queue of unsent bytes.
+from tornado.iostream import IOStream
+from tornado.websocket import WebSocketProtocol
+
+from service.frames import PreparedMessage, Renderer
+
+#: The private attribute :func:`write` reads: IOStream's queue of unsent bytes.
 PRIVATE_BUFFER = "_write_buffer"
+#: The private attributes a :class:`Lane` reads: bytes ever queued on the stream, and ever written from it.
+PRIVATE_INDEXES = ("_total_write_index", "_total_write_done_index")
 _MISSING = object()
 
 
@@ -23,6 +33,61 @@ def has_fast_path(stream: IOStream) -> bool:
     """True when ``stream`` exposes what the fast path needs (a plain TCP stream with a private write buffer)."""
     return type(stream) is IOStream and getattr(stream, PRIVATE_BUFFER, _MISSING) is not _MISSING \
         and hasattr(stream, "socket")
+
+
+def has_lane(stream: IOStream | None) -> bool:
+    """True when a :class:`Lane` can be made for ``stream`` (the fast path, and the stream's write indexes)."""
+    return stream is not None and has_fast_path(stream) and all(isinstance(getattr(stream, name, None), int) for name in PRIVATE_INDEXES)
+
+
+class Rest(Protocol):
+    """Where a lane sends what the kernel did not take (the transport, which owns the stream's bound)."""
+
+    def write_rest(self, data: memoryview) -> None: ...
+
+
+class Lane:
+    """One WebSocket's direct path for a lone event (:class:`service.hub.Lane`).
+
+    :meth:`write_now` writes the event's frame with one ``send()`` when the
+    connection is not closing and nothing is queued on its stream (a ping, a
+    close frame or an earlier event must not be overtaken); what the kernel
+    does not take goes to ``rest``, which queues it on the stream. It reads
+    four objects per socket (this one, the protocol's flags, the stream's
+    indexes, the socket) where the transport's own path reads a dozen: on a
+    lone event to thousands of sockets, memory reads are the cost beside the
+    system call. Make it with :func:`has_lane` true.
+    """
+
+    __slots__ = ("connection", "renderer", "rest", "socket", "stream")
+
+    def __init__(self, connection: WebSocketProtocol, renderer: Renderer | None, rest: Rest) -> None:
+        assert connection.stream is not None, "a lane is made for an open connection"
+        self.connection = connection
+        self.stream: IOStream = connection.stream
+        self.socket = self.stream.socket
+        #: None: the plain WebSocket frame; else the renderer of this socket's frames (compressed, a dialect's).
+        self.renderer = renderer
+        self.rest = rest
+
+    def write_now(self, message: PreparedMessage) -> bool:
+        connection = self.connection
+        if connection.server_terminated or connection.client_terminated:
+            return False
+        stream = self.stream
+        if stream._total_write_index != stream._total_write_done_index:
+            return False
+        renderer = self.renderer
+        frame = message.websocket_frame if renderer is None else message.rendered(renderer)
+        try:
+            sent = self.socket.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # closed, or a dead peer: the transport's own path finds out and drops the frame
+            return False
+        if sent != len(frame):
+            self.rest.write_rest(memoryview(frame)[sent:])
+        return True
 
 
 def write(stream: IOStream, data: bytes | memoryview) -> None:

@@ -50,6 +50,8 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         self._outbox: list[bytes] = []
         #: True when this socket negotiated permessage-deflate: its frames come from eddy.deflated_frames.
         self.deflate = False
+        #: The hub's direct path to this socket for lone events (made once open; None where it cannot be).
+        self.lane: stream_write.Lane | None = None
         self._extensions_answer = ""
 
     # Handshake -------------------------------------------------------------
@@ -144,6 +146,8 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
         # Every close frame reaches the client, even one sent while it is still writing.
         stream.socket = lingering(stream.socket)
+        assert self.ws_connection is not None
+        self.lane = self.make_lane(self.ws_connection)
         self._forget_handshake()
         self.session.open()
         if self.session.identity is not None:
@@ -191,6 +195,19 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         """The WebSocket frame this socket sends for ``message``; a dialect's socket renders its own shape."""
         return message.rendered(self.eddy.deflated_frames) if self.deflate else message.websocket_frame
 
+    def make_lane(self, connection: WebSocketProtocol) -> stream_write.Lane | None:
+        """This socket's lane for lone events, rendering as :meth:`frame_for` does; None where Tornado lacks
+        what a lane reads (and a dialect whose :meth:`queue` filters must return None)."""
+        if not stream_write.has_lane(connection.stream):
+            return None
+        return stream_write.Lane(connection, self.eddy.deflated_frames if self.deflate else None, self)
+
+    def write_rest(self, data: memoryview) -> None:
+        """What the kernel did not take of a frame the lane wrote: queued on the stream, within its bound."""
+        stream = self._open_stream()
+        if stream is not None:
+            self._write(stream, data)
+
     def write_outbox(self) -> None:
         """Write the queued frames (called by the hub at the end of the loop iteration)."""
         frames_out, self._outbox = self._outbox, []
@@ -199,7 +216,7 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             return
         self._write(connection.stream, frames_out[0] if len(frames_out) == 1 else b"".join(frames_out))
 
-    def _write(self, stream: IOStream | None, data: bytes) -> None:
+    def _write(self, stream: IOStream | None, data: bytes | memoryview) -> None:
         assert stream is not None  # set once the connection is accepted
         try:
             stream_write.write(stream, data)

@@ -28,9 +28,6 @@ log = logging.getLogger("eddy.hub")
 ChannelKey = tuple[str, str]  # (tenant, channel)
 #: Channels whose fan-out the hub counts for /api/stats at once.
 COUNTED_CHANNELS = 10_000
-#: An event fanned out after this long without a fan-out (seconds), with nothing queued, is a lone event:
-#: written to each socket at once. Events closer together are a burst: coalesced, one write per socket.
-LONE_GAP = 0.05
 
 
 class Subscriber(Protocol):
@@ -41,6 +38,21 @@ class Subscriber(Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """Start closing the connection with ``code``."""
+
+
+class Lane(Protocol):
+    """A subscriber's direct path to its socket, for a lone event (see :meth:`Hub.publish`).
+
+    A subscriber registers a lane for a channel only while every event of that
+    channel may go straight to its socket (it holds none back for a replay).
+    The hub hands a lone event to the lane first and to the subscriber's
+    ``deliver`` only when the lane declines, so the lane is the whole
+    per-socket cost of a lone event: it should touch as little as it can.
+    """
+
+    def write_now(self, message: PreparedMessage) -> bool:
+        """Write ``message``'s frame to the socket now and return True, or do nothing and return False
+        (the connection is closing, or bytes queued earlier must go first); must not raise."""
 
 
 class Writer(Protocol):
@@ -56,7 +68,8 @@ class Writer(Protocol):
 
 class Hub:
     def __init__(self) -> None:
-        self._channels: dict[ChannelKey, set[Subscriber]] = {}
+        #: Each channel's local subscribers, with the lane each registered for it (None: no lane).
+        self._channels: dict[ChannelKey, dict[Subscriber, Lane | None]] = {}
         self._connections: set[Subscriber] = set()
         self.events_published = 0
         self.deliveries = 0
@@ -66,13 +79,11 @@ class Hub:
         self.channel_events: BoundedCounts[ChannelKey] = BoundedCounts(COUNTED_CHANNELS)
         #: Subscribers with frames waiting in their outbox, written at the end of this loop iteration.
         self._pending: list[Writer] = []
-        #: True during a lone event's fan-out: each subscriber's frame is written as it is queued.
-        self._writing_now = False
+        #: True during a lone event's fan-out: a transport writes the frame at once instead of queuing it.
+        self.writing_now = False
         #: True from a fan-out to the end of its loop iteration: a second event in the same iteration is part of
         #: a burst, so its frames (and the rest of the burst's) are coalesced.
         self._fanned_out = False
-        #: When the last fan-out ended (time.monotonic()).
-        self._last_fan_out = -LONE_GAP
 
     # Coalescing ------------------------------------------------------------
 
@@ -82,20 +93,15 @@ class Hub:
         A socket's frames from every event fanned out in one iteration (a burst
         the watcher read in one go) leave in one ``send()``: the system call,
         not the Python around it, is what a delivery costs. During a lone
-        event's fan-out (see :meth:`_deliver`) the frame is written at once
+        event's fan-out (see :meth:`publish`) the frame is written at once
         instead, so the first socket does not wait for the last to be queued.
         """
-        if self._writing_now:
+        if self.writing_now:
             writer.write_outbox()
             return
         self._pending.append(writer)
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self._write_pending)
-
-    @property
-    def writing_now(self) -> bool:
-        """True during a lone event's fan-out: a transport may write the frame at once instead of queuing it."""
-        return self._writing_now
 
     def _mark_fanned_out(self) -> None:
         """Remember until the end of this loop iteration that an event was fanned out in it."""
@@ -143,15 +149,19 @@ class Hub:
 
     # Subscriptions ---------------------------------------------------------
 
-    def subscribe(self, key: ChannelKey, subscriber: Subscriber) -> None:
-        self._channels.setdefault(key, set()).add(subscriber)
+    def subscribe(self, key: ChannelKey, subscriber: Subscriber, lane: Lane | None = None) -> None:
+        """Deliver ``key``'s events to ``subscriber``; lone ones through ``lane`` when it has one.
+
+        Subscribing again replaces the lane (None: every event through ``deliver``).
+        """
+        self._channels.setdefault(key, {})[subscriber] = lane
         metrics.CHANNELS.set(len(self._channels))
 
     def unsubscribe(self, key: ChannelKey, subscriber: Subscriber) -> None:
         members = self._channels.get(key)
         if members is None:
             return
-        members.discard(subscriber)
+        members.pop(subscriber, None)
         if not members:
             del self._channels[key]
             metrics.CHANNELS.set(len(self._channels))
@@ -188,8 +198,16 @@ class Hub:
 
     # Fan-out ---------------------------------------------------------------
 
-    def publish(self, event: Event) -> int:
-        """Deliver ``event`` to every local subscriber of its channel; returns how many."""
+    def publish(self, event: Event, *, alone: bool = True) -> int:
+        """Deliver ``event`` to every local subscriber of its channel; returns how many.
+
+        ``alone`` is False when the change feed handed the event over together
+        with others (a group commit read in one go): those are a burst. A lone
+        event (``alone``, nothing queued, no other fan-out in this loop
+        iteration) is written to each socket as the loop reaches it, through
+        the subscriber's lane when it has one; a burst's events are queued and
+        leave in one write per socket at the end of the iteration.
+        """
         self.events_published += 1
         if not event.event.startswith(PROTOCOL_EVENT_PREFIX):  # typing, reads, presence are not the channel's events
             self.channel_events.add((event.tenant, event.channel))
@@ -197,32 +215,54 @@ class Hub:
         if not members:
             return 0
         started = time.perf_counter()
-        delivered = self._deliver(tuple(members), PreparedMessage.for_event(event))
+        message = PreparedMessage.for_event(event)
+        # Snapshots, because a subscriber may leave while we iterate.
+        if self._starts_lone(alone):
+            delivered = self._write_lone(tuple(members), tuple(members.values()), message)
+        else:
+            delivered = self._deliver(tuple(members), message)
         metrics.FANOUT_DURATION.observe(time.perf_counter() - started)
         return delivered
 
     def broadcast(self, message: PreparedMessage) -> int:
-        """Deliver ``message`` to every connection (keepalives, shutdown notices)."""
+        """Deliver ``message`` to every connection (keepalives, shutdown notices), queued like a burst's."""
+        self._starts_lone(False)
         return self._deliver(tuple(self._connections), message)
 
-    def _deliver(self, recipients: tuple[Subscriber, ...], message: PreparedMessage) -> int:
-        # A lone event (nothing queued, no other fan-out in this loop iteration nor in the last LONE_GAP
-        # seconds) is written to each socket as the loop reaches it; the events of a burst wait for one
-        # write per socket per loop iteration.
-        self._writing_now = not self._pending and not self._fanned_out \
-            and time.monotonic() - self._last_fan_out >= LONE_GAP
+    def _starts_lone(self, alone: bool) -> bool:
+        """Whether a fan-out starting now is lone; from now to the end of this loop iteration none is."""
+        lone = alone and not self._pending and not self._fanned_out
         if not self._fanned_out:
             self._mark_fanned_out()
+        return lone
+
+    def _write_lone(self, recipients: tuple[Subscriber, ...], lanes: tuple[Lane | None, ...],
+                    message: PreparedMessage) -> int:
+        # The lane first: the per-socket work of a lone event is then one small object, the stream's state and
+        # the system call. A typing or presence signal skips one user, which only the subscriber knows.
+        direct = message.exclude_user is None
+        self.writing_now = True
         try:
-            # A snapshot, because a subscriber may leave while we iterate.
-            for subscriber in recipients:
+            for subscriber, lane in zip(recipients, lanes, strict=True):  # a dict's keys and values: same order
                 try:
+                    if direct and lane is not None and lane.write_now(message):
+                        continue
                     subscriber.deliver(message)
                 except Exception:  # one broken subscriber must not starve the others
                     log.exception("delivery to a subscriber failed")
         finally:
-            self._writing_now = False
-            self._last_fan_out = time.monotonic()
-        self.deliveries += len(recipients)
-        metrics.DELIVERIES.inc(len(recipients))
-        return len(recipients)
+            self.writing_now = False
+        return self._count(len(recipients))
+
+    def _deliver(self, recipients: tuple[Subscriber, ...], message: PreparedMessage) -> int:
+        for subscriber in recipients:
+            try:
+                subscriber.deliver(message)
+            except Exception:  # one broken subscriber must not starve the others
+                log.exception("delivery to a subscriber failed")
+        return self._count(len(recipients))
+
+    def _count(self, deliveries: int) -> int:
+        self.deliveries += deliveries
+        metrics.DELIVERIES.inc(deliveries)
+        return deliveries

@@ -100,6 +100,9 @@ class Transport(Protocol):
     def close(self, code: int, reason: str) -> None:
         """Start closing the connection with ``code``; the transport then calls :meth:`Session.closed`."""
 
+    # Optional, read with getattr: ``lane``, a :class:`service.hub.Lane` to the connection's socket, which the
+    # session registers with each channel it does not hold back (a lone event then goes straight to the socket).
+
 
 class State(enum.Enum):
     NEW = "new"  # accepted, not yet open (handshake)
@@ -217,7 +220,7 @@ class Session:
             rooms.append(self._path_key)
         for key in rooms:
             if since is not None:
-                self.holding[key] = []  # live events wait until the replay is done
+                self._hold(key)  # live events wait until the replay is done
             self._subscribe(key)
         self.watch_expiry()
         connected: dict[str, Any] = {
@@ -384,7 +387,22 @@ class Session:
         if self.state is State.CLOSED:  # gone while a join was being authorized or replayed
             return
         self.channels.add(key)
-        self.eddy.hub.subscribe(key, self)
+        self.eddy.hub.subscribe(key, self, None if key in self.holding else getattr(self.transport, "lane", None))
+
+    def _hold(self, key: ChannelKey) -> None:
+        """Keep ``key``'s live events in :attr:`holding` until :meth:`_unhold` (the hub then skips the lane)."""
+        if key in self.holding:
+            return
+        self.holding[key] = []
+        if key in self.channels:
+            self.eddy.hub.subscribe(key, self)
+
+    def _unhold(self, key: ChannelKey) -> list[PreparedMessage]:
+        """Stop holding ``key``'s live events; returns those held (the caller delivers or drops them)."""
+        held = self.holding.pop(key, [])
+        if key in self.channels:
+            self._subscribe(key)  # the lane again
+        return held
 
     def subscribe(self, keys: list[ChannelKey]) -> None:
         """Receive ``keys``' live events from now on (a read-only stream's channels)."""
@@ -411,7 +429,7 @@ class Session:
         to :meth:`release` (go live anyway) or unsubscribe.
         """
         for key in keys:
-            self.holding.setdefault(key, [])
+            self._hold(key)
             self._subscribe(key)
         identity = self.identity
         assert identity is not None
@@ -459,7 +477,7 @@ class Session:
                     self._release(key, after=sent)
             else:
                 for key in replay.sent:
-                    self.holding.pop(key, None)
+                    self._unhold(key)
         if error is not None:
             raise error
 
@@ -469,7 +487,7 @@ class Session:
 
     def _release(self, key: ChannelKey, *, after: int = -1) -> None:
         """Deliver the live events held for ``key`` that are newer than ``after`` (and every signal)."""
-        for message in self.holding.pop(key, []):
+        for message in self._unhold(key):
             if message.position is None or message.position > after:
                 self.transport.queue(message)
 
@@ -577,7 +595,7 @@ class Session:
             raise FrameError(frames.INVALID_FRAME, "idempotency_key must be a string of 1-200 characters")
         holds = key not in self.holding
         if holds:
-            self.holding[key] = []
+            self._hold(key)
         try:
             with refusals("storage is unavailable; retry with the same idempotency_key"):
                 stored = await self.eddy.publish(identity, key[1], event, data, idempotency_key=idempotency_key,

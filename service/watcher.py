@@ -112,25 +112,27 @@ class Watcher:
                     await self.storage.ping()
                     log.info("watcher resuming after position %d", self.position)
                     self.last_error = None
-                async for event in self.storage.watch(self.position):
-                    if event.position <= self.position:
-                        continue  # a backend replaying its seam; never hand over twice
-                    self.hub.publish(event)
-                    self.position = event.position
-                    self.last_event_time = event.timestamp
-                    self.lag = late = max(0.0, time.time() - event.timestamp)
-                    metrics.EVENTS_FANNED_OUT.inc()
-                    metrics.DELIVERY_LATENCY.observe(late)
-                    metrics.WATCHER_LAG.set(late)
-                    if self._waiters:
-                        self._release_waiters()
-                    backoff = self.initial_backoff
-                    # Events the feed hands over back to back (a burst read in one go) are fanned
-                    # out without yielding, so each socket gets them in one write; every few, let
-                    # sockets and requests run.
-                    handed += 1
-                    if handed % BATCH == 0:
-                        await asyncio.sleep(0)
+                async for batch in self.storage.watch_batches(self.position):
+                    # A group the feed handed over together is a burst: fanned out without yielding,
+                    # so each socket gets it in one write; a group of one is a lone event.
+                    alone = len(batch) == 1
+                    for event in batch:
+                        if event.position <= self.position:
+                            continue  # a backend replaying its seam; never hand over twice
+                        self.hub.publish(event, alone=alone)
+                        self.position = event.position
+                        self.last_event_time = event.timestamp
+                        self.lag = late = max(0.0, time.time() - event.timestamp)
+                        metrics.EVENTS_FANNED_OUT.inc()
+                        metrics.DELIVERY_LATENCY.observe(late)
+                        metrics.WATCHER_LAG.set(late)
+                        if self._waiters:
+                            self._release_waiters()
+                        backoff = self.initial_backoff
+                        # Every few events, let sockets and requests run.
+                        handed += 1
+                        if handed % BATCH == 0:
+                            await asyncio.sleep(0)
                 raise RuntimeError("the storage change feed ended")
             except asyncio.CancelledError:
                 raise

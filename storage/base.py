@@ -299,6 +299,17 @@ class EventLog(abc.ABC):
         calling ``watch`` again with the last position it received.
         """
 
+    async def watch_batches(self, after: int) -> AsyncIterator[list[Event]]:
+        """The feed of :meth:`watch`, in the groups the store hands over together.
+
+        A group is the events one read of the feed returned (a group commit,
+        several publishers' events at once); the watcher fans a group of more
+        than one out as a burst. Backends that read their feed in batches
+        override this (SQLite); the default hands over one event at a time.
+        """
+        async for event in self.watch(after):
+            yield [event]
+
     @abc.abstractmethod
     async def epoch(self) -> str:
         """This store's epoch: a short string, the same for every process and across restarts of the same

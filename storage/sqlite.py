@@ -687,6 +687,11 @@ class SQLiteStorage(Storage):
             self._doorbell.ring()
 
     async def watch(self, after: int) -> AsyncIterator[Event]:
+        async for batch in self.watch_batches(after):
+            for event in batch:
+                yield event
+
+    async def watch_batches(self, after: int) -> AsyncIterator[list[Event]]:
         self._check_open()
         wakeup = asyncio.Event()
         self._wakeups.add(wakeup)
@@ -695,9 +700,9 @@ class SQLiteStorage(Storage):
             while not self._closed:
                 wakeup.clear()
                 rows = await self._read(self._feed_after, after)
-                for event in rows:
-                    yield event
-                    after = event.position
+                if rows:
+                    yield rows
+                    after = rows[-1].position
                 if len(rows) == FEED_BATCH:
                     continue
                 # Sleep until a commit wakes us (this process's writer, or another

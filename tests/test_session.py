@@ -108,6 +108,42 @@ async def test_live_events_during_a_replay_are_held_and_released_once_without_ga
     session.closed()
 
 
+class FakeLane:
+    """A transport's lane for lone events: takes each one it is offered, into the transport's log."""
+
+    def __init__(self, transport: FakeTransport) -> None:
+        self.transport, self.writes = transport, 0
+
+    def write_now(self, message: PreparedMessage) -> bool:
+        self.writes += 1
+        self.transport.log.append(message)
+        return True
+
+
+@pytest.mark.gen_test
+@pytest.mark.settings(max_buffered_bytes=200)
+async def test_a_held_channel_skips_the_lane_and_takes_it_again_once_live(eddy):
+    stored = await append(eddy, "room", 20)
+    transport = FakeTransport()
+    transport.lane = lane = FakeLane(transport)  # type: ignore[attr-defined]
+    session, _ = open_session(eddy, transport)
+    written_during_replay: list[int] = []
+
+    async def publish_while_replaying() -> None:
+        if len(written_during_replay) < 3:
+            written_during_replay.extend(await append(eddy, "room", 1))
+            assert written_during_replay[-1] not in transport.positions()  # held, not written by the lane
+
+    transport.on_drain = publish_while_replaying
+    await session.join("room", since=0)
+    assert lane.writes == 0
+    assert transport.positions() == stored + written_during_replay
+    live = await append(eddy, "room", 1)
+    await until(lambda: transport.positions()[-1] == live[0])
+    assert lane.writes == 1  # live again: the lone event took the lane
+    session.closed()
+
+
 @pytest.mark.gen_test
 @pytest.mark.settings(max_buffered_bytes=2000)
 async def test_a_replay_to_a_client_that_does_not_read_stops_within_the_bound(eddy):

@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from storage import EventDraft, StorageError, open_storage, publication_key
+from storage.base import EventLog
 from tests.support import MONGODB_KINDS, mongodb_test_url
 
 BACKENDS = ["memory", "sqlite", *MONGODB_KINDS]
@@ -186,6 +187,24 @@ async def test_concurrent_appends_reach_two_watchers_exactly_once(make_storage):
     assert [e.position for e in second] == positions
     for feed in feeds:
         await feed.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_watch_batches_is_the_feed_in_groups(make_storage):
+    """The same events as watch, in order, each once; events stored before the read come as one group where the
+    backend reads its feed in batches (SQLite), one at a time otherwise."""
+    store = await make_storage()
+    start = await store.last_position()
+    stored = await asyncio.gather(*(store.append(draft(n, channel=f"c{n % 3}")) for n in range(30)))
+    feed = store.watch_batches(start)
+    groups = []
+    while sum(map(len, groups)) < 30:
+        groups.append(await asyncio.wait_for(feed.__anext__(), 5))
+    assert [e.position for group in groups for e in group] == sorted(e.position for e in stored)
+    assert all(groups)
+    if type(store).watch_batches is not EventLog.watch_batches:  # a backend that reads its feed in batches
+        assert len(groups) == 1
+    await feed.aclose()
 
 
 @pytest.mark.gen_test

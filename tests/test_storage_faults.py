@@ -113,14 +113,14 @@ class FlakyFeed:
             raise StorageUnavailable("injected: the store does not answer")
         await self.inner.ping()
 
-    async def watch(self, after: int) -> AsyncIterator[Event]:
+    async def watch_batches(self, after: int) -> AsyncIterator[list[Event]]:
         if self.down:
             raise StorageUnavailable("injected: the store does not answer")
-        async for event in self.inner.watch(after):
+        async for batch in self.inner.watch_batches(after):
             if self.down:
                 self.failures += 1
                 raise StorageUnavailable("injected: the feed broke")
-            yield event
+            yield batch
 
 
 @pytest.fixture

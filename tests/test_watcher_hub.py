@@ -226,7 +226,7 @@ class Outbox(Recorder):
             self.hub.write_soon(self)
 
     def write_outbox(self) -> None:
-        self.writes.append([orjson.loads(m.payload)["id"] for m in self.outbox])
+        self.writes.append([orjson.loads(m.payload).get("id", "signal") for m in self.outbox])
         self.outbox = []
 
 
@@ -236,8 +236,6 @@ def _event(position: int) -> Event:
 
 @pytest.mark.gen_test
 async def test_a_lone_event_is_written_during_its_fan_out_and_a_burst_is_coalesced():
-    from service.hub import LONE_GAP
-
     hub = Hub()
     sockets = [Outbox(hub) for _ in range(3)]
     for socket in sockets:
@@ -245,17 +243,56 @@ async def test_a_lone_event_is_written_during_its_fan_out_and_a_burst_is_coalesc
     hub.publish(_event(1))
     # Written as the loop reached each socket: the first does not wait for the last to be queued.
     assert [s.writes for s in sockets] == [[["1"]]] * 3
-    # Events right behind it are a burst: one write per socket per loop iteration.
-    await asyncio.sleep(0)
-    for position in (2, 3, 4):
-        hub.publish(_event(position))
+    # A second fan-out in the same loop iteration is part of a burst: it waits for the iteration's write.
+    hub.publish(_event(2))
     assert [s.writes for s in sockets] == [[["1"]]] * 3
     await asyncio.sleep(0)
-    assert [s.writes for s in sockets] == [[["1"], ["2", "3", "4"]]] * 3
-    # After a quiet gap an event is lone again; a second one in its loop iteration joins the next write.
-    await asyncio.sleep(LONE_GAP * 1.5)
-    hub.publish(_event(5))
-    hub.publish(_event(6))
-    assert [s.writes[2:] for s in sockets] == [[["5"]]] * 3
+    assert [s.writes for s in sockets] == [[["1"], ["2"]]] * 3
+    # A group the feed handed over together is a burst even after a quiet gap: one write per socket.
+    await asyncio.sleep(0.01)
+    for position in (3, 4, 5):
+        hub.publish(_event(position), alone=False)
+    assert [s.writes[2:] for s in sockets] == [[]] * 3
     await asyncio.sleep(0)
-    assert [s.writes[2:] for s in sockets] == [[["5"], ["6"]]] * 3
+    assert [s.writes[2:] for s in sockets] == [[["3", "4", "5"]]] * 3
+
+
+class FakeLane:
+    """A lane that takes a lone event (``accepts``) or declines it, and records what it took."""
+
+    def __init__(self, accepts: bool) -> None:
+        self.accepts, self.taken = accepts, []
+
+    def write_now(self, message: PreparedMessage) -> bool:
+        if self.accepts:
+            self.taken.append(orjson.loads(message.payload)["id"])
+        return self.accepts
+
+
+@pytest.mark.gen_test
+async def test_a_lone_event_goes_through_the_lane_and_the_rest_through_deliver():
+    hub = Hub()
+    taking, declining, laneless = Outbox(hub), Outbox(hub), Outbox(hub)
+    lanes = FakeLane(True), FakeLane(False)
+    hub.subscribe(("t", "c"), taking, lanes[0])
+    hub.subscribe(("t", "c"), declining, lanes[1])
+    hub.subscribe(("t", "c"), laneless)
+    hub.publish(_event(1))
+    assert lanes[0].taken == ["1"] and taking.writes == []  # the lane wrote it; deliver was not called
+    assert declining.writes == [["1"]] and laneless.writes == [["1"]]
+    # A burst never takes a lane: its events are coalesced, one write per socket.
+    await asyncio.sleep(0)
+    hub.publish(_event(2), alone=False)
+    hub.publish(_event(3), alone=False)
+    await asyncio.sleep(0)
+    assert lanes[0].taken == ["1"] and taking.writes == [["2", "3"]]
+    # Typing and presence skip their sender, which only the subscriber knows: never through a lane.
+    await asyncio.sleep(0)
+    typing = Event(4, "t", "c", "$typing", {"user_id": "someone"}, 0.0)
+    hub.publish(typing)
+    assert lanes[0].taken == ["1"] and taking.writes[-1] == ["signal"]
+    # Subscribing again replaces the lane.
+    await asyncio.sleep(0)
+    hub.subscribe(("t", "c"), taking)
+    hub.publish(_event(5))
+    assert lanes[0].taken == ["1"] and taking.writes[-1] == ["5"]
