@@ -2,7 +2,7 @@
 
     python -m loadtests.bench [--sockets 1000,2000,5000,10000] [--rate R] [--burst M] [--duration S]
                               [--servers eddy,eddy-socketio,seed003,socketio,websockets] [--repeats K] [--smoke]
-                              [--charts]
+                              [--charts] [--versus SERVER]
 
 For each socket count, repeat and server (the order of servers rotates between
 repeats), the harness:
@@ -41,7 +41,7 @@ repeats), the harness:
 Deliveries/s is the burst's deliveries over the time from its first publish to
 its last arrival. Raw results go to ``loadtests/results/bench-<timestamp>.json``
 (or ``--out``); ``--charts`` writes PNG charts to ``docs/benchmarks/``.
-``--smoke`` is 50 sockets for a few seconds on every server, no charts.
+``--smoke`` is 50 sockets for a few seconds on every server (or those of ``--servers``), no charts.
 ``--profile DIR`` records each server with py-spy during the phases (set
 ``BENCH_PY_SPY_FLAGS=--native`` for C frames). ``--servers`` also accepts the
 experiments ``eddy-uvloop`` and ``eddy-nogc``: Eddy's code unchanged, run on
@@ -53,7 +53,8 @@ source tree in ``$BENCH_BASE_TREE`` (before/after a change in one run); and ``ed
 Any server name may carry a CPU placement (``loadtests/placement.py``): ``eddy@0/1`` runs the server and every
 process it forks on CPU 0, and the load generators and the harness on CPU 1; without ``@`` nothing is pinned.
 Each run records the placement, the affinity the kernel reports for every server process and load generator,
-the number of server processes and how many sockets each holds.
+the number of server processes and how many sockets each holds. ``--versus eddy@0/1`` adds every server × that
+one, per repeat (as the floor table does against the floor).
 """
 
 from __future__ import annotations
@@ -1242,7 +1243,8 @@ def fmt(value: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], runs: list[dict[str, Any]]) -> str:
+def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], runs: list[dict[str, Any]],
+           versus: str | None = None) -> str:
     out = []
     for sockets in sorted(summary, key=int):
         rows = summary[sockets]
@@ -1296,6 +1298,8 @@ def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], ru
             out.append(f"| {ratio(dialect.get('cpu_us_per_delivery'), native.get('cpu_us_per_delivery'))} | "
                        f"{versus_peer} |")
     out.append(floor_table(runs, servers))
+    if versus:
+        out.append(floor_table(runs, servers, versus))
     out.append(solo_legs_table(summary, servers))
     out.append(repeats_table(runs, servers))
     return "\n".join(out)
@@ -1398,22 +1402,27 @@ def floor_for(label: str, labels: set[str]) -> str:
     return same[0] if same else FLOOR
 
 
-def floor_ratios(runs: list[dict[str, Any]], sockets: int, server: str) -> dict[str, list[float]]:
-    """Per repeat, ``server``'s cost over the floor's in that same repeat (> 1: slower or heavier than the floor).
+def repeat_ratios(runs: list[dict[str, Any]], sockets: int, server: str, reference: str) -> dict[str, list[float]]:
+    """Per repeat, ``server``'s cost over ``reference``'s in that same repeat (> 1: slower or heavier).
 
-    For deliveries/s, where more is better, the floor's figure over the server's, so > 1 still means worse.
+    For deliveries/s, where more is better, the reference's figure over the server's, so > 1 still means worse.
     """
     def by_repeat(name: str) -> dict[int, dict[str, Any]]:
         return {r["repeat"]: r for r in runs if r.get("ok") and r["sockets"] == sockets and r["server"] == name}
 
-    mine, floor = by_repeat(server), by_repeat(floor_for(server, {r["server"] for r in runs}))
+    mine, theirs = by_repeat(server), by_repeat(reference)
     ratios: dict[str, list[float]] = {metric: [] for _, metric, _ in FLOOR_METRICS}
-    for repeat in sorted(mine.keys() & floor.keys()):
+    for repeat in sorted(mine.keys() & theirs.keys()):
         for _, metric, higher_is_better in FLOOR_METRICS:
-            value, floor_value = mine[repeat].get(metric), floor[repeat].get(metric)
-            if value and floor_value:
-                ratios[metric].append(floor_value / value if higher_is_better else value / floor_value)
+            value, reference_value = mine[repeat].get(metric), theirs[repeat].get(metric)
+            if value and reference_value:
+                ratios[metric].append(reference_value / value if higher_is_better else value / reference_value)
     return ratios
+
+
+def floor_ratios(runs: list[dict[str, Any]], sockets: int, server: str) -> dict[str, list[float]]:
+    """Per repeat, ``server`` × the floor run beside it (under the same placement if one ran)."""
+    return repeat_ratios(runs, sockets, server, floor_for(server, {r["server"] for r in runs}))
 
 
 def spread(values: list[float]) -> str:
@@ -1425,19 +1434,21 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}× ({min(values):.2f}–{max(values):.2f})"
 
 
-def floor_table(runs: list[dict[str, Any]], servers: list[str]) -> str:
-    """Every server × the floor, per socket count: each repeat's ratio to the floor run beside it."""
-    counts = sorted({r["sockets"] for r in runs if r.get("ok") and is_floor(r["server"])})
+def floor_table(runs: list[dict[str, Any]], servers: list[str], versus: str | None = None) -> str:
+    """Every server × the floor (or × ``versus``), per socket count: each repeat's ratio to the run beside it."""
+    reference = versus or FLOOR
+    counts = sorted({r["sockets"] for r in runs if r.get("ok") and (r["server"] == versus or is_floor(r["server"]))})
     if not counts:
         return ""
-    out = [("\n### × the floor (per repeat, against the floor run in the same repeat, under the same placement if"
-            " one ran; median (min–max); > 1 = slower or heavier)\n"),
+    title = (f"× {versus} (per repeat, against its run in the same repeat" if versus else
+             "× the floor (per repeat, against the floor run in the same repeat, under the same placement if one ran")
+    out = [f"\n### {title}; median (min–max); > 1 = slower or heavier)\n",
            "| sockets | server | " + " | ".join(label for label, _, _ in FLOOR_METRICS) + " |",
            "| ---: | --- |" + " ---: |" * len(FLOOR_METRICS)]
     for sockets in counts:
         for server in servers:
-            ratios = floor_ratios(runs, sockets, server)
-            if not is_floor(server) and any(ratios.values()):
+            ratios = (repeat_ratios(runs, sockets, server, versus) if versus else floor_ratios(runs, sockets, server))
+            if server != reference and not (versus is None and is_floor(server)) and any(ratios.values()):
                 out.append(f"| {sockets:,} | {server} | "
                            + " | ".join(spread(ratios[metric]) for _, metric, _ in FLOOR_METRICS) + " |")
     return "\n".join(out)
@@ -1609,7 +1620,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "summary": summary, "runs": ctx.runs,
     }
     out.write_text(json.dumps(document, indent=1))
-    print(tables(summary, servers, ctx.runs))
+    print(tables(summary, servers, ctx.runs, args.versus))
     print(f"\nresults: {display(out)}")
     if args.charts:
         for path in charts(summary, ctx.runs, servers, args.cdf_sockets):
@@ -1633,7 +1644,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "generators and harness to CPUs L, e.g. eddy@0/1,eddy-p2@0/1,floor@0/1,eddy-p2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
-    parser.add_argument("--smoke", action="store_true", help="50 sockets, a few seconds, every server, no charts")
+    parser.add_argument("--smoke", action="store_true", help="50 sockets, a few seconds, no charts")
     parser.add_argument("--charts", action="store_true", help="write PNG charts to docs/benchmarks/")
     parser.add_argument("--cdf-sockets", type=int, default=None, help="socket count of the latency CDF chart")
     parser.add_argument("--stall", type=float, default=15.0, help="give up on a phase after this long without progress")
@@ -1641,6 +1652,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=18700, help="first port; each run takes the next one")
     parser.add_argument("--from-json", default=None, metavar="FILE",
                         help="print the tables (and with --charts draw the charts) of an earlier results file")
+    parser.add_argument("--versus", default=None, metavar="SERVER",
+                        help="also print every server × this one (a name from --servers, placement included), per repeat")
     parser.add_argument("--out", default=None, help="results file (default loadtests/results/bench-<timestamp>.json)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="record each server with py-spy during the measured phases (raw stacks into DIR)")
@@ -1649,7 +1662,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.sockets, args.rate, args.duration, args.burst, args.solo, args.repeats = "50", 10.0, 2.0, 10, 3, 1
-        args.servers, args.charts = ",".join(ALL_SERVERS), False
+        args.charts = False
     args.sockets = [int(s) for s in str(args.sockets).split(",") if s]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.profile_phases = tuple(p for p in PHASES if p in args.profile_phases.split(","))
@@ -1662,13 +1675,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def report(path: str, charts_too: bool, cdf_sockets: int | None) -> int:
+def report(path: str, charts_too: bool, cdf_sockets: int | None, versus: str | None) -> int:
     """Tables (and charts) again from a results file, without measuring."""
     document = json.loads(Path(path).read_text())
     runs = document["runs"]
     order = [s for s in document["args"]["servers"]]
     summary = summarize(runs)
-    print(tables(summary, order, runs))
+    print(tables(summary, order, runs, versus))
     if charts_too:
         for chart in charts(summary, runs, order, cdf_sockets):
             print(f"chart: {display(Path(chart))}")
@@ -1678,7 +1691,7 @@ def report(path: str, charts_too: bool, cdf_sockets: int | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        return report(args.from_json, args.charts, args.cdf_sockets)
+        return report(args.from_json, args.charts, args.cdf_sockets, args.versus)
     raise_open_file_limit()
     # SIGTERM (a test's timeout) unwinds like Ctrl-C, so servers and load generators are stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
