@@ -868,6 +868,18 @@ class ServerProcess:
                 pass
         return total
 
+    def memory_by_process(self) -> dict[str, dict[str, float]]:
+        """RSS, PSS and USS of each server process, MiB. Forked workers share the parent's pages: RSS counts them
+        in every process, PSS splits them between the sharers (so PSS adds up to the tree's real footprint)."""
+        memory = {}
+        for process in self._processes():
+            try:
+                full = process.memory_full_info()
+            except Exception:
+                continue
+            memory[str(process.pid)] = {key: round(getattr(full, key) / 2**20, 1) for key in ("rss", "pss", "uss")}
+        return memory
+
     async def sample_rss(self, interval: float = 0.2) -> None:
         while True:
             value = self.rss()
@@ -971,7 +983,8 @@ async def one_run(ctx: Context, label: str, config: RunConfig, repeat: int) -> d
     result: dict[str, Any] = {"server": label, "spec": spec.name, "sockets": n, "repeat": repeat,
                               "rate": config.rate, "duration": config.duration, "solo_events": solo_events,
                               "steady_events": steady_events, "burst_events": burst_events, "port": port,
-                              "placement": str(placement), "server_processes": spec.processes}
+                              "placement": str(placement), "server_processes": spec.processes,
+                              "load_average": os.getloadavg()[0]}
     if spec.name.startswith("eddy"):
         result["eddy_code"] = code_fingerprint()
     tmp = tempfile.mkdtemp(prefix=f"{spec.name}-", dir=ctx.tmp)
@@ -989,6 +1002,8 @@ async def one_run(ctx: Context, label: str, config: RunConfig, repeat: int) -> d
         await server.start()
         await asyncio.sleep(config.settle / 2)
         result["rss_idle"] = server.rss()
+        result["memory_idle_mib"] = server.memory_by_process()
+        result["pss_idle_mib"] = sum(m["pss"] for m in result["memory_idle_mib"].values())
         server.rss_peak = result["rss_idle"]
         sampler = asyncio.get_running_loop().create_task(server.sample_rss())
 
@@ -1209,7 +1224,7 @@ METRICS = ("solo_event_to_last_socket_p50_ms", "solo_publish_to_last_socket_p50_
            "burst_cpu_us_per_delivery", "rss_peak_mib", "rss_mib_per_1k_sockets", "loadgen_cpu_burst_s",
            "burst_seconds", "solo_publish_to_stamp_p50_ms", "solo_stamp_to_first_socket_p50_ms",
            "solo_first_to_last_socket_p50_ms", "rss_kib_per_socket", "loadgen_cpu_us_per_delivery",
-           "loadgen_burst_cores", "server_burst_cores")
+           "loadgen_burst_cores", "server_burst_cores", "pss_idle_mib", "load_average")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -1312,9 +1327,11 @@ REPEAT_ROWS = (
     ("burst deliveries/s, k", "burst_deliveries_per_s", 0, 1e-3),
     ("server CPU per delivery, µs", "cpu_us_per_delivery", 1, 1.0),
     ("RSS per socket, KiB", "rss_kib_per_socket", 1, 1.0),
+    ("idle memory before sockets, PSS summed over the server's processes, MiB", "pss_idle_mib", 1, 1.0),
     ("server cores busy in the burst", "server_burst_cores", 2, 1.0),
     ("load generators' CPU per delivery, µs", "loadgen_cpu_us_per_delivery", 1, 1.0),
     ("load generators' cores busy in the burst", "loadgen_burst_cores", 2, 1.0),
+    ("load average (1 min) as the run started", "load_average", 1, 1.0),
 )
 
 
