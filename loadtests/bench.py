@@ -2,7 +2,7 @@
 
     python -m loadtests.bench [--sockets 1000,2000,5000,10000] [--rate R] [--burst M] [--duration S]
                               [--servers eddy,eddy-socketio,seed003,socketio,websockets] [--repeats K] [--smoke]
-                              [--charts]
+                              [--charts] [--versus SERVER]
 
 For each socket count, repeat and server (the order of servers rotates between
 repeats), the harness:
@@ -41,14 +41,20 @@ repeats), the harness:
 Deliveries/s is the burst's deliveries over the time from its first publish to
 its last arrival. Raw results go to ``loadtests/results/bench-<timestamp>.json``
 (or ``--out``); ``--charts`` writes PNG charts to ``docs/benchmarks/``.
-``--smoke`` is 50 sockets for a few seconds on every server, no charts.
+``--smoke`` is 50 sockets for a few seconds on every server (or those of ``--servers``), no charts.
 ``--profile DIR`` records each server with py-spy during the phases (set
 ``BENCH_PY_SPY_FLAGS=--native`` for C frames). ``--servers`` also accepts the
 experiments ``eddy-uvloop`` and ``eddy-nogc``: Eddy's code unchanged, run on
 uvloop or with the cyclic GC disabled; and ``eddy-normal``: Eddy with SQLite
 ``synchronous=normal`` (no fsync per commit); and ``eddy-base``: Eddy from the
-source tree in ``$BENCH_BASE_TREE`` (before/after a change in one run). ``--profile-phases solo``
-profiles only the solo phase (where a lone event's time goes).
+source tree in ``$BENCH_BASE_TREE`` (before/after a change in one run); and ``eddy-p2``: Eddy with
+``--processes 2``. ``--profile-phases solo`` profiles only the solo phase (where a lone event's time goes).
+
+Any server name may carry a CPU placement (``loadtests/placement.py``): ``eddy@0/1`` runs the server and every
+process it forks on CPU 0, and the load generators and the harness on CPU 1; without ``@`` nothing is pinned.
+Each run records the placement, the affinity the kernel reports for every server process and load generator,
+the number of server processes and how many sockets each holds. ``--versus eddy@0/1`` adds every server × that
+one, per repeat (as the floor table does against the floor).
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ from typing import Any
 
 import orjson
 
+from loadtests.placement import STARTED_WITH, Placement, format_cpus, observed, pin_before_exec, pin_this_process, split_label
 from service.cli import raise_open_file_limit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -401,6 +408,8 @@ class LoadGenerator:
                 reply = self.close()
             elif command == "cpu":
                 reply = {"cpu": sum(os.times()[:2])}
+            elif command == "pin":
+                reply = {"cpus": format_cpus(frozenset(pin_this_process(message["cpus"])))}
             elif command == "exit":
                 self.close()
                 reply = {"ok": True}
@@ -523,6 +532,9 @@ EXPERIMENTS = {
     "eddy-uvloop": "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())",
     "eddy-nogc": "import gc; gc.disable()",
 }
+#: Eddy with ``--processes N``: N workers forked after binding, sharing one listening socket (the kernel hands each
+#: new connection to whichever worker accepts it first); each worker fans out to its own sockets.
+PROCESS_VARIANTS = {"eddy-p2": 2}
 #: ``eddy-base``: Eddy from another source tree (``BENCH_BASE_TREE``, e.g. ``git archive main`` unpacked in a
 #: temporary directory), so a change and the code before it are measured side by side in the same run.
 BASE_TREE_VARIABLE = "BENCH_BASE_TREE"
@@ -544,9 +556,16 @@ class ServerSpec:
     publish_path: str
     label: str
 
+    @property
+    def processes(self) -> int:
+        """Server processes that accept sockets (Eddy's ``--processes``; 1 for everything else)."""
+        return PROCESS_VARIANTS.get(self.name, 1)
+
     def command(self, port: int, tmp: str) -> list[str]:
         storage = f"sqlite:///{tmp}/eddy.db{STORAGE_VARIANTS.get(self.name, '')}"
         serve = ["serve", "--port", str(port), "--address", "127.0.0.1", "--storage", storage]
+        if self.name in PROCESS_VARIANTS:
+            return [sys.executable, "-m", "service", *serve, "--processes", str(self.processes)]
         if self.name in ("eddy", "eddy-base") or self.name in STORAGE_VARIANTS:
             return [sys.executable, "-m", "service", *serve]
         if self.name == "eddy-socketio":
@@ -598,6 +617,8 @@ SPECS = {
        for name, line in EXPERIMENTS.items()},
     **{name: ServerSpec(name, "service", "json", "http", "/api/events", f"experiment: storage URL …{query}")
        for name, query in STORAGE_VARIANTS.items()},
+    **{name: ServerSpec(name, "service", "json", "http", "/api/events", f"Eddy with --processes {count}")
+       for name, count in PROCESS_VARIANTS.items()},
     "eddy-base": ServerSpec("eddy-base", "service", "json", "http", "/api/events",
                             f"Eddy from ${BASE_TREE_VARIABLE} (the code before a change)"),
     "seed003": ServerSpec("seed003", "loadtests.peers.seed003", "json", "http", "/pedidos",
@@ -741,8 +762,8 @@ def die_with_parent() -> None:
 
 
 class ServerProcess:
-    def __init__(self, spec: ServerSpec, port: int, tmp: str) -> None:
-        self.spec, self.port, self.tmp = spec, port, tmp
+    def __init__(self, spec: ServerSpec, port: int, tmp: str, placement: Placement) -> None:
+        self.spec, self.port, self.tmp, self.placement = spec, port, tmp, placement
         self.log_path = Path(tmp) / f"{spec.name}.log"
         self.popen: subprocess.Popen | None = None
         self.ps = None
@@ -754,7 +775,7 @@ class ServerProcess:
         log_file = open(self.log_path, "wb")
         self.popen = subprocess.Popen(self.spec.command(self.port, self.tmp), env=self.spec.env(), cwd=self.spec.tree,
                                       stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                      preexec_fn=die_with_parent)
+                                      preexec_fn=self._before_exec)
         log_file.close()
         self.ps = psutil.Process(self.popen.pid)
         deadline = time.monotonic() + timeout
@@ -767,7 +788,7 @@ class ServerProcess:
                     status, _ = await asyncio.wait_for(connection.request("GET", "/readyz"), 2)
                     connection.close()
                     if status == 200:
-                        return
+                        return await self._wait_for_workers(deadline)
                 else:
                     _, writer = await asyncio.open_connection("127.0.0.1", self.port)
                     writer.close()
@@ -776,6 +797,40 @@ class ServerProcess:
                 pass
             await asyncio.sleep(0.1)
         raise TimeoutError(f"{self.spec.name} did not start: {self.log_tail()}")
+
+    def _before_exec(self) -> None:
+        """In the server's child, before exec: die with the harness; run (and fork) on the placement's CPUs."""
+        die_with_parent()
+        pin_before_exec(self.placement.server)
+
+    async def _wait_for_workers(self, deadline: float) -> None:
+        """With ``--processes N``, until every worker answers (the first one's /readyz says nothing of the rest)."""
+        if self.spec.processes == 1:
+            return
+        headers = {"Authorization": f"Bearer {make_token('publisher')}"}
+        answered: set[int] = set()
+        while len(answered) < self.spec.processes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(answered)} of {self.spec.processes} workers answered: {self.log_tail()}")
+            connection = await HttpConnection.open("127.0.0.1", self.port)  # a new connection: any worker's
+            status, body = await asyncio.wait_for(connection.request("GET", "/api/stats", headers=headers), 2)
+            connection.close()
+            if status == 200:
+                answered.add(orjson.loads(body)["process"]["pid"])
+            await asyncio.sleep(0.02)
+
+    def sockets_per_process(self) -> dict[str, int]:
+        """Established connections on the server's port held by each server process (who accepted them)."""
+        import psutil
+        counts = {}
+        for process in self._processes():
+            try:
+                connections = process.net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            counts[str(process.pid)] = sum(1 for c in connections
+                                           if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port)
+        return counts
 
     def log_tail(self) -> str:
         try:
@@ -812,6 +867,18 @@ class ServerProcess:
             except Exception:
                 pass
         return total
+
+    def memory_by_process(self) -> dict[str, dict[str, float]]:
+        """RSS, PSS and USS of each server process, MiB. Forked workers share the parent's pages: RSS counts them
+        in every process, PSS splits them between the sharers (so PSS adds up to the tree's real footprint)."""
+        memory = {}
+        for process in self._processes():
+            try:
+                full = process.memory_full_info()
+            except Exception:
+                continue
+            memory[str(process.pid)] = {key: round(getattr(full, key) / 2**20, 1) for key in ("rss", "pss", "uss")}
+        return memory
 
     async def sample_rss(self, interval: float = 0.2) -> None:
         while True:
@@ -902,7 +969,10 @@ def port_taken(port: int) -> bool:
     return False
 
 
-async def one_run(ctx: Context, spec: ServerSpec, config: RunConfig, repeat: int) -> dict[str, Any]:
+async def one_run(ctx: Context, label: str, config: RunConfig, repeat: int) -> dict[str, Any]:
+    """Measure one server (``label``: a name from SPECS, with its placement after ``@`` if any) at one size."""
+    name, placement = split_label(label)
+    spec = SPECS[name]
     while port_taken(ctx.next_port):  # another benchmark on this machine, say
         ctx.next_port += 1
     port = ctx.next_port
@@ -910,21 +980,30 @@ async def one_run(ctx: Context, spec: ServerSpec, config: RunConfig, repeat: int
     n = config.sockets
     solo_events, steady_events, burst_events = config.counts()
     bounds = [solo_events, solo_events + steady_events, solo_events + steady_events + burst_events]
-    result: dict[str, Any] = {"server": spec.name, "sockets": n, "repeat": repeat, "rate": config.rate,
-                              "duration": config.duration, "solo_events": solo_events,
-                              "steady_events": steady_events, "burst_events": burst_events, "port": port}
+    result: dict[str, Any] = {"server": label, "spec": spec.name, "sockets": n, "repeat": repeat,
+                              "rate": config.rate, "duration": config.duration, "solo_events": solo_events,
+                              "steady_events": steady_events, "burst_events": burst_events, "port": port,
+                              "placement": str(placement), "server_processes": spec.processes,
+                              "load_average": os.getloadavg()[0]}
     if spec.name.startswith("eddy"):
         result["eddy_code"] = code_fingerprint()
     tmp = tempfile.mkdtemp(prefix=f"{spec.name}-", dir=ctx.tmp)
-    server = ServerProcess(spec, port, tmp)
+    server = ServerProcess(spec, port, tmp, placement)
     publisher: Publisher | None = None
     sampler: asyncio.Task[None] | None = None
     profiler: subprocess.Popen | None = None
     generators = ctx.generators
     try:
+        # The client side first (this harness and the load generators; unpinned runs undo an earlier run's pins),
+        # then the server, pinned before it starts so that every process it forks inherits its CPUs.
+        harness_cpus = format_cpus(frozenset(pin_this_process(placement.clients)))
+        pins = await asyncio.gather(*(g.call("pin", cpus=placement.clients) for g in generators))
+        result["affinity"] = {"harness": harness_cpus, "load_generators": [pin["cpus"] for pin in pins]}
         await server.start()
         await asyncio.sleep(config.settle / 2)
         result["rss_idle"] = server.rss()
+        result["memory_idle_mib"] = server.memory_by_process()
+        result["pss_idle_mib"] = sum(m["pss"] for m in result["memory_idle_mib"].values())
         server.rss_peak = result["rss_idle"]
         sampler = asyncio.get_running_loop().create_task(server.sample_rss())
 
@@ -942,6 +1021,9 @@ async def one_run(ctx: Context, spec: ServerSpec, config: RunConfig, repeat: int
         result["connect_errors"] = [e for r in replies for e in r["errors"]]
         if connected < n:
             raise RuntimeError(f"only {connected} of {n} sockets connected: {result['connect_errors'][:3]}")
+        assert server.popen is not None
+        result["affinity"]["server"] = observed(server.popen.pid)  # every process of the tree, now all started
+        result["sockets_per_process"] = server.sockets_per_process()  # before the publisher's connections
         publisher = Publisher(spec, port)
         await publisher.start()
         await asyncio.sleep(config.settle)
@@ -1098,6 +1180,11 @@ def summarize_run(result: dict[str, Any], reports: list[dict[str, Any]], starts:
     result["cpu_us_per_delivery"] = cpu / deliveries * 1e6 if deliveries else None
     result["burst_cpu_us_per_delivery"] = (result["burst_cpu_s"] / result["burst_received"] * 1e6
                                            if result["burst_received"] else None)
+    # The client side's own cost, beside the server's: a saturated load generator shows here.
+    loadgen = sum(result[f"loadgen_cpu_{name}_s"] for name in PHASES)
+    result["loadgen_cpu_us_per_delivery"] = loadgen / deliveries * 1e6 if deliveries else None
+    result["loadgen_burst_cores"] = result["loadgen_cpu_burst_s"] / result["burst_seconds"]
+    result["server_burst_cores"] = result["burst_cpu_s"] / result["burst_seconds"]
 
 
 #: Extra py-spy flags (``BENCH_PY_SPY_FLAGS="--native"``, say).
@@ -1136,7 +1223,9 @@ METRICS = ("solo_event_to_last_socket_p50_ms", "solo_publish_to_last_socket_p50_
            "burst_event_to_last_socket_max_ms", "lost", "cpu_s_per_1k_sockets", "cpu_us_per_delivery",
            "burst_cpu_us_per_delivery", "rss_peak_mib", "rss_mib_per_1k_sockets", "loadgen_cpu_burst_s",
            "burst_seconds", "solo_publish_to_stamp_p50_ms", "solo_stamp_to_first_socket_p50_ms",
-           "solo_first_to_last_socket_p50_ms")
+           "solo_first_to_last_socket_p50_ms", "rss_kib_per_socket", "loadgen_cpu_us_per_delivery",
+           "loadgen_burst_cores", "server_burst_cores", "pss_idle_mib", "load_average",
+           "unbatched_cpu_us_per_delivery")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -1145,6 +1234,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
         if run.get("ok"):
             run["rss_peak_mib"] = run["rss_peak"] / 2**20
             run["rss_mib_per_1k_sockets"] = (run["rss_peak"] - run["rss_idle"]) / 2**20 / (run["sockets"] / 1000)
+            run["rss_kib_per_socket"] = (run["rss_peak"] - run["rss_idle"]) / 1024 / run["sockets"]
+            # Lone and steady events apart from the burst, which costs far less per delivery (one send() per socket).
+            unbatched = run["solo_received"] + run["steady_received"]
+            run["unbatched_cpu_us_per_delivery"] = ((run["solo_cpu_s"] + run["steady_cpu_s"]) / unbatched * 1e6
+                                                    if unbatched else None)
     keys = sorted({(r["sockets"], r["server"]) for r in runs})
     for sockets, server in keys:
         ok = [r for r in runs if r["sockets"] == sockets and r["server"] == server and r.get("ok")]
@@ -1169,7 +1263,8 @@ def fmt(value: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], runs: list[dict[str, Any]]) -> str:
+def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], runs: list[dict[str, Any]],
+           versus: str | None = None) -> str:
     out = []
     for sockets in sorted(summary, key=int):
         rows = summary[sockets]
@@ -1195,7 +1290,7 @@ def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], ru
                 f"{fmt(e.get('cpu_s_per_1k_sockets'), 2)} | {fmt(e.get('cpu_us_per_delivery'))} | "
                 f"{fmt(e.get('rss_peak_mib'))} | {fmt(e.get('rss_mib_per_1k_sockets'), 2)} |")
         eddy = rows.get("eddy")
-        peers = [s for s in servers if not s.startswith("eddy") and s != FLOOR and rows.get(s, {}).get("runs")]
+        peers = [s for s in servers if not s.startswith("eddy") and not is_floor(s) and rows.get(s, {}).get("runs")]
         if eddy and eddy.get("runs") and peers:
             out.append("\nEddy's ratio to each peer (> 1 means Eddy is better):\n")
             out.append("| peer | one event → all sockets (server ts) peer ÷ Eddy | deliveries/s (burst) Eddy ÷ peer | "
@@ -1223,8 +1318,68 @@ def tables(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], ru
             out.append(f"| {ratio(dialect.get('cpu_us_per_delivery'), native.get('cpu_us_per_delivery'))} | "
                        f"{versus_peer} |")
     out.append(floor_table(runs, servers))
+    if versus:
+        out.append(floor_table(runs, servers, versus))
     out.append(solo_legs_table(summary, servers))
+    out.append(repeats_table(runs, servers))
     return "\n".join(out)
+
+
+#: The rows of the every-repeat table: (label, metric, digits, scale).
+REPEAT_ROWS = (
+    ("one event → last socket (solo p50), ms", "solo_event_to_last_socket_p50_ms", 1, 1.0),
+    ("steady p99 (server ts), ms", "steady_latency_p99_ms", 0, 1.0),
+    ("burst deliveries/s, k", "burst_deliveries_per_s", 0, 1e-3),
+    ("server CPU per delivery (all phases), µs", "cpu_us_per_delivery", 1, 1.0),
+    ("… of lone and steady events only, µs", "unbatched_cpu_us_per_delivery", 1, 1.0),
+    ("… of the burst only, µs", "burst_cpu_us_per_delivery", 1, 1.0),
+    ("RSS per socket, KiB", "rss_kib_per_socket", 1, 1.0),
+    ("idle memory before sockets, PSS summed over the server's processes, MiB", "pss_idle_mib", 1, 1.0),
+    ("server cores busy in the burst", "server_burst_cores", 2, 1.0),
+    ("load generators' CPU per delivery, µs", "loadgen_cpu_us_per_delivery", 1, 1.0),
+    ("load generators' cores busy in the burst", "loadgen_burst_cores", 2, 1.0),
+    ("load average (1 min) as the run started", "load_average", 1, 1.0),
+)
+
+
+def repeats_table(runs: list[dict[str, Any]], servers: list[str]) -> str:
+    """Every repeat and the median, per server, with where its processes ran and how its sockets split."""
+    out = []
+    for sockets in sorted({r["sockets"] for r in runs if r.get("ok")}):
+        shown = [s for s in servers if any(r.get("ok") and r["server"] == s and r["sockets"] == sockets for r in runs)]
+        by_server = {s: sorted((r for r in runs if r.get("ok") and r["server"] == s and r["sockets"] == sockets),
+                               key=lambda r: r["repeat"]) for s in shown}
+        out.append(f"\n### {sockets:,} sockets, every repeat → median (server@CPUs/load-generator CPUs)\n")
+        out.append("| | " + " | ".join(shown) + " |")
+        out.append("| --- |" + " ---: |" * len(shown))
+        for label, metric, digits, scale in REPEAT_ROWS:
+            cells = []
+            for server in shown:
+                values = [r[metric] * scale for r in by_server[server] if r.get(metric) is not None]
+                cells.append(" / ".join(f"{v:.{digits}f}" for v in values)
+                             + (f" → **{statistics.median(values):.{digits}f}**" if values else "–"))
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("| lost / duplicated | " + " | ".join(
+            f"{sum(r['lost'] for r in by_server[s])} / {sum(r['duplicates'] for r in by_server[s])}" for s in shown) + " |")
+        out.append("| server processes: sockets each | " + " | ".join(
+            " / ".join(sockets_split(r) for r in by_server[s]) for s in shown) + " |")
+        out.append("| CPUs observed: server processes / load generators, harness | " + " | ".join(
+            affinity_summary(by_server[s]) for s in shown) + " |")
+    return "\n".join(out)
+
+
+def sockets_split(run: dict[str, Any]) -> str:
+    """``2,571 + 2,429``: the sockets each accepting server process held (the busiest first)."""
+    counts = sorted((run.get("sockets_per_process") or {}).values(), reverse=True)[:run.get("server_processes", 1)]
+    return " + ".join(f"{c:,}" for c in counts) or "–"
+
+
+def affinity_summary(runs: list[dict[str, Any]]) -> str:
+    """``0 / 1``: the distinct CPU sets the kernel reported, over every repeat, server side / client side."""
+    server = sorted({cpus for r in runs for cpus in (r.get("affinity") or {}).get("server", {}).values()})
+    clients = sorted({cpus for r in runs for cpus in [*(r.get("affinity") or {}).get("load_generators", []),
+                                                      (r.get("affinity") or {}).get("harness")] if cpus})
+    return f"{', '.join(server) or '–'} / {', '.join(clients) or '–'}"
 
 
 def solo_legs_table(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str]) -> str:
@@ -1260,22 +1415,38 @@ FLOOR_METRICS = (
 )
 
 
-def floor_ratios(runs: list[dict[str, Any]], sockets: int, server: str) -> dict[str, list[float]]:
-    """Per repeat, ``server``'s cost over the floor's in that same repeat (> 1: slower or heavier than the floor).
+def is_floor(label: str) -> bool:
+    return split_label(label)[0] == FLOOR
 
-    For deliveries/s, where more is better, the floor's figure over the server's, so > 1 still means worse.
+
+def floor_for(label: str, labels: set[str]) -> str:
+    """The floor a server is measured against: the floor run under the same placement, else the unpinned one."""
+    placement = split_label(label)[1]
+    same = [other for other in labels if is_floor(other) and split_label(other)[1] == placement]
+    return same[0] if same else FLOOR
+
+
+def repeat_ratios(runs: list[dict[str, Any]], sockets: int, server: str, reference: str) -> dict[str, list[float]]:
+    """Per repeat, ``server``'s cost over ``reference``'s in that same repeat (> 1: slower or heavier).
+
+    For deliveries/s, where more is better, the reference's figure over the server's, so > 1 still means worse.
     """
     def by_repeat(name: str) -> dict[int, dict[str, Any]]:
         return {r["repeat"]: r for r in runs if r.get("ok") and r["sockets"] == sockets and r["server"] == name}
 
-    mine, floor = by_repeat(server), by_repeat(FLOOR)
+    mine, theirs = by_repeat(server), by_repeat(reference)
     ratios: dict[str, list[float]] = {metric: [] for _, metric, _ in FLOOR_METRICS}
-    for repeat in sorted(mine.keys() & floor.keys()):
+    for repeat in sorted(mine.keys() & theirs.keys()):
         for _, metric, higher_is_better in FLOOR_METRICS:
-            value, floor_value = mine[repeat].get(metric), floor[repeat].get(metric)
-            if value and floor_value:
-                ratios[metric].append(floor_value / value if higher_is_better else value / floor_value)
+            value, reference_value = mine[repeat].get(metric), theirs[repeat].get(metric)
+            if value and reference_value:
+                ratios[metric].append(reference_value / value if higher_is_better else value / reference_value)
     return ratios
+
+
+def floor_ratios(runs: list[dict[str, Any]], sockets: int, server: str) -> dict[str, list[float]]:
+    """Per repeat, ``server`` × the floor run beside it (under the same placement if one ran)."""
+    return repeat_ratios(runs, sockets, server, floor_for(server, {r["server"] for r in runs}))
 
 
 def spread(values: list[float]) -> str:
@@ -1287,19 +1458,21 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}× ({min(values):.2f}–{max(values):.2f})"
 
 
-def floor_table(runs: list[dict[str, Any]], servers: list[str]) -> str:
-    """Every server × the floor, per socket count: each repeat's ratio to the floor run beside it."""
-    counts = sorted({r["sockets"] for r in runs if r.get("ok") and r["server"] == FLOOR})
+def floor_table(runs: list[dict[str, Any]], servers: list[str], versus: str | None = None) -> str:
+    """Every server × the floor (or × ``versus``), per socket count: each repeat's ratio to the run beside it."""
+    reference = versus or FLOOR
+    counts = sorted({r["sockets"] for r in runs if r.get("ok") and (r["server"] == versus or is_floor(r["server"]))})
     if not counts:
         return ""
-    out = [("\n### × the floor (per repeat, against the floor run in the same repeat; median (min–max);"
-            " > 1 = slower or heavier)\n"),
+    title = (f"× {versus} (per repeat, against its run in the same repeat" if versus else
+             "× the floor (per repeat, against the floor run in the same repeat, under the same placement if one ran")
+    out = [f"\n### {title}; median (min–max); > 1 = slower or heavier)\n",
            "| sockets | server | " + " | ".join(label for label, _, _ in FLOOR_METRICS) + " |",
            "| ---: | --- |" + " ---: |" * len(FLOOR_METRICS)]
     for sockets in counts:
         for server in servers:
-            ratios = floor_ratios(runs, sockets, server)
-            if server != FLOOR and any(ratios.values()):
+            ratios = (repeat_ratios(runs, sockets, server, versus) if versus else floor_ratios(runs, sockets, server))
+            if server != reference and not (versus is None and is_floor(server)) and any(ratios.values()):
                 out.append(f"| {sockets:,} | {server} | "
                            + " | ".join(spread(ratios[metric]) for _, metric, _ in FLOOR_METRICS) + " |")
     return "\n".join(out)
@@ -1373,13 +1546,13 @@ def charts(summary: dict[str, dict[str, dict[str, Any]]], runs: list[dict[str, A
     plt.close(fig)
     written.append(str(path))
 
-    floor_counts = sorted({r["sockets"] for r in runs if r.get("ok") and r["server"] == FLOOR})
+    floor_counts = sorted({r["sockets"] for r in runs if r.get("ok") and is_floor(r["server"])})
     if floor_counts:
         fig, axes = plt.subplots(1, len(FLOOR_METRICS), figsize=(4 * len(FLOOR_METRICS), 4), sharey=True)
         for ax, (label, metric, _) in zip(axes, FLOOR_METRICS, strict=True):
             for server in servers:
                 points = [(count, floor_ratios(runs, count, server)[metric]) for count in floor_counts]
-                points = [(count, values) for count, values in points if values and server != FLOOR]
+                points = [(count, values) for count, values in points if values and not is_floor(server)]
                 if points:
                     medians = [statistics.median(values) for _, values in points]
                     ax.errorbar([count for count, _ in points], medians, marker="o", capsize=3, label=server,
@@ -1442,7 +1615,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 shift = repeat % len(servers)
                 for server in servers[shift:] + servers[:shift]:
                     log(f"{server} @ {sockets} sockets, repeat {repeat + 1}/{args.repeats}")
-                    run = await one_run(ctx, SPECS[server], config, repeat)
+                    run = await one_run(ctx, server, config, repeat)
                     ctx.runs.append(run)
                     if run.get("ok"):
                         log("  " + run_line(run))
@@ -1464,13 +1637,14 @@ async def main_async(args: argparse.Namespace) -> int:
         "started": started.isoformat(), "seconds": time.monotonic() - wall,
         "command": " ".join([Path(sys.executable).name, "-m", "loadtests.bench", *sys.argv[1:]]),
         "args": {k: v for k, v in vars(args).items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "cpus_available": format_cpus(STARTED_WITH),
+                    "platform": platform.platform(), "python": platform.python_version(),
                     "load_generator_processes": args.clients},
         "git_head": head, "eddy_code": sorted(fingerprints),
         "summary": summary, "runs": ctx.runs,
     }
     out.write_text(json.dumps(document, indent=1))
-    print(tables(summary, servers, ctx.runs))
+    print(tables(summary, servers, ctx.runs, args.versus))
     print(f"\nresults: {display(out)}")
     if args.charts:
         for path in charts(summary, ctx.runs, servers, args.cdf_sockets):
@@ -1489,10 +1663,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--burst", type=int, default=20, help="burst phase: events sent at once")
     parser.add_argument("--solo", type=int, default=5,
                         help="solo phase: events sent one at a time, each after the previous reached every socket")
-    parser.add_argument("--servers", default=",".join(ALL_SERVERS))
+    parser.add_argument("--servers", default=",".join(ALL_SERVERS),
+                        help="comma-separated; NAME@S/L pins the server (and its forks) to CPUs S and the load "
+                             "generators and harness to CPUs L, e.g. eddy@0/1,eddy-p2@0/1,floor@0/1,eddy-p2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
-    parser.add_argument("--smoke", action="store_true", help="50 sockets, a few seconds, every server, no charts")
+    parser.add_argument("--smoke", action="store_true", help="50 sockets, a few seconds, no charts")
     parser.add_argument("--charts", action="store_true", help="write PNG charts to docs/benchmarks/")
     parser.add_argument("--cdf-sockets", type=int, default=None, help="socket count of the latency CDF chart")
     parser.add_argument("--stall", type=float, default=15.0, help="give up on a phase after this long without progress")
@@ -1500,6 +1676,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=18700, help="first port; each run takes the next one")
     parser.add_argument("--from-json", default=None, metavar="FILE",
                         help="print the tables (and with --charts draw the charts) of an earlier results file")
+    parser.add_argument("--versus", default=None, metavar="SERVER",
+                        help="also print every server × this one (a name from --servers, placement included), per repeat")
     parser.add_argument("--out", default=None, help="results file (default loadtests/results/bench-<timestamp>.json)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="record each server with py-spy during the measured phases (raw stacks into DIR)")
@@ -1508,23 +1686,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.sockets, args.rate, args.duration, args.burst, args.solo, args.repeats = "50", 10.0, 2.0, 10, 3, 1
-        args.servers, args.charts = ",".join(ALL_SERVERS), False
+        args.charts = False
     args.sockets = [int(s) for s in str(args.sockets).split(",") if s]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.profile_phases = tuple(p for p in PHASES if p in args.profile_phases.split(","))
-    unknown = [s for s in args.servers if s not in SPECS]
+    try:
+        unknown = [s for s in args.servers if split_label(s)[0] not in SPECS]
+    except ValueError as exc:
+        parser.error(f"--servers: {exc}")
     if unknown:
-        parser.error(f"unknown servers: {', '.join(unknown)} (known: {', '.join(SPECS)})")
+        parser.error(f"unknown servers: {', '.join(unknown)} (known: {', '.join(SPECS)}, each with @CPUS/CPUS if pinned)")
     return args
 
 
-def report(path: str, charts_too: bool, cdf_sockets: int | None) -> int:
+def report(path: str, charts_too: bool, cdf_sockets: int | None, versus: str | None) -> int:
     """Tables (and charts) again from a results file, without measuring."""
     document = json.loads(Path(path).read_text())
     runs = document["runs"]
     order = [s for s in document["args"]["servers"]]
     summary = summarize(runs)
-    print(tables(summary, order, runs))
+    print(tables(summary, order, runs, versus))
     if charts_too:
         for chart in charts(summary, runs, order, cdf_sockets):
             print(f"chart: {display(Path(chart))}")
@@ -1534,7 +1715,7 @@ def report(path: str, charts_too: bool, cdf_sockets: int | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        return report(args.from_json, args.charts, args.cdf_sockets)
+        return report(args.from_json, args.charts, args.cdf_sockets, args.versus)
     raise_open_file_limit()
     # SIGTERM (a test's timeout) unwinds like Ctrl-C, so servers and load generators are stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

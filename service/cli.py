@@ -39,6 +39,18 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+def usable_cpu_count() -> int:
+    """The CPUs this process may run on (``--processes 0``: one worker each).
+
+    Not the machine's count (``tornado.process.cpu_count``): under ``taskset -c 0`` or a
+    container's cpuset, one worker per machine core would crowd the allowed ones.
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return tornado.process.cpu_count()
+
+
 def exit_with_parent(parent: int) -> None:
     """In a worker: get SIGTERM (and so shut down cleanly) when the parent process dies.
 
@@ -72,7 +84,7 @@ def serve(settings: Settings) -> None:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eddy-metrics-")
         # One private loopback port per worker, so a worker can pass a Socket.IO polling request on to the
         # worker holding its session (handlers/engineio.py, ProcessRoute).
-        count = settings.processes or tornado.process.cpu_count()
+        count = settings.processes or usable_cpu_count()
         private = [tornado.netutil.bind_sockets(0, "127.0.0.1")[0] for _ in range(count)]
         ports = tuple(sock.getsockname()[1] for sock in private)
         parent = os.getpid()

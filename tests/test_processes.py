@@ -28,7 +28,8 @@ class EddyProcess:
     """``python -m service serve`` in a subprocess, logs captured to a file."""
 
     def __init__(self, tmp_path: Path, storage: str, *, secret: str | None = SECRET, args: list[str] = (),
-                 cwd: Path | None = None, env: dict[str, str] | None = None, port: int | None = None) -> None:
+                 cwd: Path | None = None, env: dict[str, str] | None = None, port: int | None = None,
+                 cpus: set[int] | None = None) -> None:
         self.port = port or free_port()
         self.log_path = tmp_path / f"eddy-{self.port}.log"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("EDDY_")}
@@ -41,6 +42,7 @@ class EddyProcess:
             [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--address", "127.0.0.1",
              "--storage", storage, *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=environment, cwd=cwd or tmp_path,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,  # as `taskset -c` would
         )
 
     def wait_ready(self, timeout: float = 15.0) -> None:
@@ -256,3 +258,12 @@ async def test_processes_flag_serves_on_every_worker_and_shares_events(processes
         await asyncio.sleep(0.05)
     assert not any(os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read()
                    for pid in workers)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs, to allow the server only one")
+def test_processes_0_forks_one_worker_per_cpu_the_server_may_use(processes, tmp_path):
+    cpu = min(os.sched_getaffinity(0))
+    server = processes(f"sqlite:///{tmp_path}/eddy.db", args=["--processes", "0"], cpus={cpu})
+    workers = server.workers()
+    assert len(workers) == 1, f"{len(workers)} workers forked for one allowed CPU"
+    assert os.sched_getaffinity(workers[0]) == {cpu}  # forked after the pinning, so it inherits it
