@@ -15,7 +15,6 @@ from typing import Any
 
 import orjson
 import tornado.websocket
-from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketProtocol
 
@@ -27,7 +26,7 @@ from service.frames import FrameError, PreparedMessage
 from service.refusals import position_field
 from service.session import DRAIN_TIMEOUT, Session
 
-from . import keepalive, stream_write, strict_utf8
+from . import detached, keepalive, stream_write, strict_utf8
 from .linger import lingering
 
 
@@ -168,15 +167,10 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         self.write_outbox()
 
     def _forget_handshake(self) -> None:
-        """Drop what only the handshake needed: its headers, and the query with its arguments (and any token).
-
-        Tornado reads them only while accepting the connection; a live socket
-        keeps the path, for log lines about it.
+        """Drop what only the handshake needed: its headers, query and arguments (and any token), the HTTP/1
+        exchange, the response state (see :mod:`handlers.detached`); a live socket keeps the path, for log lines.
         """
-        request = self.request
-        request.headers = HTTPHeaders()
-        request.uri, request.query = request.path, ""
-        request.arguments, request.query_arguments = {}, {}
+        detached.forget_handshake(self, also=("_extensions_answer",))
 
     def on_message(self, message: str | bytes) -> Any:
         return protocol.dispatch(self.session, message, self.FRAMES)
