@@ -132,6 +132,11 @@ class Synced:
     has_more: bool
 
 
+#: The presence set of a connection in no presence channel: one shared empty frozenset (since Python 3.10 each
+#: ``frozenset()`` call makes a new one, 216 bytes).
+NOT_PRESENT: frozenset[ChannelKey] = frozenset()
+
+
 class Session:
     """One connection's state and the operations a client may ask for (see the module docstring)."""
 
@@ -155,7 +160,7 @@ class Session:
         self.channels: set[ChannelKey] = set()
         self.automatic: set[ChannelKey] = set()
         #: Channels this connection is listed in for presence: a set from the first one on (most connections have none).
-        self.present_in: frozenset[ChannelKey] | set[ChannelKey] = frozenset()
+        self.present_in: frozenset[ChannelKey] | set[ChannelKey] = NOT_PRESENT
         self.status = "online"
         #: Channels whose live events wait (a replay, a publish's ack); released by :meth:`_release`.
         self.holding: dict[ChannelKey, list[PreparedMessage]] = {}
