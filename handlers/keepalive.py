@@ -1,7 +1,7 @@
 """One keepalive timer for every WebSocket of a process, in place of Tornado's ping task per connection.
 
 Tornado's ``websocket_ping_interval`` runs an asyncio task per connection (a
-coroutine frame, a sleep future and a timer each: ~1.4 KB per idle socket).
+coroutine frame, a sleep future and a timer each: ~1.2 KB per idle socket).
 :class:`PingSweep` keeps every socket's next ping, or its pong check, in one
 heap under one timer, and follows Tornado's schedule (6.x ``periodic_ping``)
 to the tick:
