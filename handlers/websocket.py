@@ -15,7 +15,6 @@ from typing import Any
 
 import orjson
 import tornado.websocket
-from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketProtocol
 
@@ -27,7 +26,7 @@ from service.frames import FrameError, PreparedMessage
 from service.refusals import position_field
 from service.session import DRAIN_TIMEOUT, Session
 
-from . import stream_write, strict_utf8
+from . import detached, keepalive, stream_write, strict_utf8
 from .linger import lingering
 
 
@@ -35,6 +34,8 @@ class EventSocket(tornado.websocket.WebSocketHandler):
     """A WebSocket connection: the :class:`service.session.Transport` of one session."""
 
     kind = "websocket"
+    #: Whether the keepalive's last ping was answered (see :mod:`handlers.keepalive`).
+    pong_received = True
     #: The client frames this socket understands (a dialect's socket has its own table).
     FRAMES = protocol.NATIVE
 
@@ -122,6 +123,12 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         )
 
     @property
+    def ping_interval(self) -> float | None:
+        # Not Tornado's ping task per connection: the application's one sweep pings every socket
+        # (handlers/keepalive.py), with the same websocket_ping_interval and _timeout settings.
+        return None
+
+    @property
     def max_message_size(self) -> int:
         # Frames up to 4x the limit are read and refused with FRAME_TOO_LARGE; beyond
         # that Tornado closes with 1009 without buffering them.
@@ -148,6 +155,9 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         stream.socket = lingering(stream.socket)
         assert self.ws_connection is not None
         self.lane = self.make_lane(self.ws_connection)
+        sweep = keepalive.sweep_for(self.application)
+        if sweep is not None:
+            sweep.add(self)
         self._forget_handshake()
         self.session.open()
         if self.session.identity is not None:
@@ -157,18 +167,16 @@ class EventSocket(tornado.websocket.WebSocketHandler):
         self.write_outbox()
 
     def _forget_handshake(self) -> None:
-        """Drop what only the handshake needed: its headers, and the query with its arguments (and any token).
-
-        Tornado reads them only while accepting the connection; a live socket
-        keeps the path, for log lines about it.
+        """Drop what only the handshake needed: its headers, query and arguments (and any token), the HTTP/1
+        exchange, the response state (see :mod:`handlers.detached`); a live socket keeps the path, for log lines.
         """
-        request = self.request
-        request.headers = HTTPHeaders()
-        request.uri, request.query = request.path, ""
-        request.arguments, request.query_arguments = {}, {}
+        detached.forget_handshake(self, also=("_extensions_answer",))
 
     def on_message(self, message: str | bytes) -> Any:
         return protocol.dispatch(self.session, message, self.FRAMES)
+
+    def on_pong(self, data: bytes) -> None:
+        self.pong_received = True
 
     def on_close(self) -> None:
         self.session.closed()
@@ -239,6 +247,9 @@ class EventSocket(tornado.websocket.WebSocketHandler):
             self._close_slow_consumer()
             return False
         return self._open_stream() is not None
+
+    def keepalive_closed(self) -> bool:
+        return self._open_stream() is None
 
     def queued_bytes(self) -> int:
         """Bytes accepted for this socket and not yet taken by the kernel: its outbox and its stream's buffer."""

@@ -132,6 +132,11 @@ class Synced:
     has_more: bool
 
 
+#: The presence set of a connection in no presence channel: one shared empty frozenset (since Python 3.10 each
+#: ``frozenset()`` call makes a new one, 216 bytes).
+NOT_PRESENT: frozenset[ChannelKey] = frozenset()
+
+
 class Session:
     """One connection's state and the operations a client may ask for (see the module docstring)."""
 
@@ -154,7 +159,8 @@ class Session:
         self.tracks_presence = tracks_presence
         self.channels: set[ChannelKey] = set()
         self.automatic: set[ChannelKey] = set()
-        self.present_in: set[ChannelKey] = set()
+        #: Channels this connection is listed in for presence: a set from the first one on (most connections have none).
+        self.present_in: frozenset[ChannelKey] | set[ChannelKey] = NOT_PRESENT
         self.status = "online"
         #: Channels whose live events wait (a replay, a publish's ack); released by :meth:`_release`.
         self.holding: dict[ChannelKey, list[PreparedMessage]] = {}
@@ -683,7 +689,9 @@ class Session:
         assert self.identity is not None
         if not self.tracks_presence or key in self.present_in or not self.eddy.tracks_presence(key[1]):
             return
-        self.present_in.add(key)
+        present = self.present_in if isinstance(self.present_in, set) else set()
+        present.add(key)
+        self.present_in = present
         try:
             await self.eddy.presence.join(key, self.identity.user_id, self.connection_id, self.status)
         except StorageUnavailable as exc:
@@ -692,7 +700,7 @@ class Session:
     async def _leave_presence(self, keys: list[ChannelKey]) -> None:
         assert self.identity is not None
         for key in keys:
-            if key not in self.present_in:
+            if key not in self.present_in or not isinstance(self.present_in, set):
                 continue
             self.present_in.discard(key)
             try:
