@@ -1,4 +1,4 @@
-"""The fan-out's fast path: a connection's bytes in one ``send()``, one of two uses of Tornado's private state.
+"""The fan-out's fast path: a connection's bytes in one ``send()``, one of three uses of Tornado's private state.
 
 ``IOStream.write`` creates a Future, schedules its callback and touches the
 poller for every call: 2-3x the cost of a whole fan-out delivery. When nothing
