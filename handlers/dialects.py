@@ -208,4 +208,4 @@ class OrdersSocket(EventSocket):
         return message.rendered(FLAT)
 
     def make_lane(self, connection: WebSocketProtocol) -> stream_write.Lane | None:
-        return stream_write.Lane(connection, FLAT, self) if stream_write.has_lane(connection.stream) else None
+        return stream_write.lane_for(connection, FLAT, self)

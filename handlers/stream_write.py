@@ -40,6 +40,11 @@ def has_lane(stream: IOStream | None) -> bool:
     return stream is not None and has_fast_path(stream) and all(isinstance(getattr(stream, name, None), int) for name in PRIVATE_INDEXES)
 
 
+def lane_for(connection: WebSocketProtocol, renderer: Renderer | None, rest: Rest) -> Lane | None:
+    """A :class:`Lane` to ``connection``'s socket, or None when its stream lacks what a lane reads."""
+    return Lane(connection, renderer, rest) if has_lane(connection.stream) else None
+
+
 class Rest(Protocol):
     """Where a lane sends what the kernel did not take (the transport, which owns the stream's bound)."""
 
@@ -56,7 +61,7 @@ class Lane:
     four objects per socket (this one, the protocol's flags, the stream's
     indexes, the socket) where the transport's own path reads a dozen: on a
     lone event to thousands of sockets, memory reads are the cost beside the
-    system call. Make it with :func:`has_lane` true.
+    system call. Made by :func:`lane_for`.
     """
 
     __slots__ = ("connection", "renderer", "rest", "socket", "stream")

@@ -185,16 +185,14 @@ class EventSocket(tornado.websocket.WebSocketHandler):
     # Transport ---------------------------------------------------------------
 
     def queue(self, message: PreparedMessage) -> None:
-        """Queue a frame; every frame queued in this loop iteration leaves in one write."""
+        """Queue a frame; every frame queued in this loop iteration leaves in one write (at once during a lone
+        event's fan-out: see :meth:`service.hub.Hub.write_soon`)."""
         frame = self.frame_for(message)
         if self._outbox:
             self._outbox.append(frame)
             return
         connection = self.ws_connection
         if connection is None or connection.is_closing():
-            return
-        if self.eddy.hub.writing_now:  # a lone event: straight to the kernel, as the fan-out reaches this socket
-            self._write(connection.stream, frame)
             return
         self._outbox.append(frame)
         self.eddy.hub.write_soon(self)
@@ -206,9 +204,7 @@ class EventSocket(tornado.websocket.WebSocketHandler):
     def make_lane(self, connection: WebSocketProtocol) -> stream_write.Lane | None:
         """This socket's lane for lone events, rendering as :meth:`frame_for` does; None where Tornado lacks
         what a lane reads (and a dialect whose :meth:`queue` filters must return None)."""
-        if not stream_write.has_lane(connection.stream):
-            return None
-        return stream_write.Lane(connection, self.eddy.deflated_frames if self.deflate else None, self)
+        return stream_write.lane_for(connection, self.eddy.deflated_frames if self.deflate else None, self)
 
     def write_rest(self, data: memoryview) -> None:
         """What the kernel did not take of a frame the lane wrote: queued on the stream, within its bound."""

@@ -79,8 +79,8 @@ class Hub:
         self.channel_events: BoundedCounts[ChannelKey] = BoundedCounts(COUNTED_CHANNELS)
         #: Subscribers with frames waiting in their outbox, written at the end of this loop iteration.
         self._pending: list[Writer] = []
-        #: True during a lone event's fan-out: a transport writes the frame at once instead of queuing it.
-        self.writing_now = False
+        #: True during a lone event's fan-out: :meth:`write_soon` writes at once instead of at the iteration's end.
+        self._writing_now = False
         #: True from a fan-out to the end of its loop iteration: a second event in the same iteration is part of
         #: a burst, so its frames (and the rest of the burst's) are coalesced.
         self._fanned_out = False
@@ -96,7 +96,7 @@ class Hub:
         event's fan-out (see :meth:`publish`) the frame is written at once
         instead, so the first socket does not wait for the last to be queued.
         """
-        if self.writing_now:
+        if self._writing_now:
             writer.write_outbox()
             return
         self._pending.append(writer)
@@ -241,7 +241,7 @@ class Hub:
         # The lane first: the per-socket work of a lone event is then one small object, the stream's state and
         # the system call. A typing or presence signal skips one user, which only the subscriber knows.
         direct = message.exclude_user is None
-        self.writing_now = True
+        self._writing_now = True
         try:
             for subscriber, lane in zip(recipients, lanes, strict=True):  # a dict's keys and values: same order
                 try:
@@ -251,7 +251,7 @@ class Hub:
                 except Exception:  # one broken subscriber must not starve the others
                     log.exception("delivery to a subscriber failed")
         finally:
-            self.writing_now = False
+            self._writing_now = False
         return self._count(len(recipients))
 
     def _deliver(self, recipients: tuple[Subscriber, ...], message: PreparedMessage) -> int:
