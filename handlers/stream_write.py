@@ -15,6 +15,8 @@ gets fixed.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 from tornado.iostream import IOStream
@@ -27,6 +29,7 @@ PRIVATE_BUFFER = "_write_buffer"
 #: The private attributes a :class:`Lane` reads: bytes ever queued on the stream, and ever written from it.
 PRIVATE_INDEXES = ("_total_write_index", "_total_write_done_index")
 _MISSING = object()
+log = logging.getLogger("eddy.websocket")
 
 
 def has_fast_path(stream: IOStream) -> bool:
@@ -54,14 +57,15 @@ class Rest(Protocol):
 class Lane:
     """One WebSocket's direct path for a lone event (:class:`service.hub.Lane`).
 
-    :meth:`write_now` writes the event's frame with one ``send()`` when the
-    connection is not closing and nothing is queued on its stream (a ping, a
-    close frame or an earlier event must not be overtaken); what the kernel
-    does not take goes to ``rest``, which queues it on the stream. It reads
-    four objects per socket (this one, the protocol's flags, the stream's
-    indexes, the socket) where the transport's own path reads a dozen: on a
-    lone event to thousands of sockets, memory reads are the cost beside the
-    system call. Made by :func:`lane_for`.
+    :meth:`write_all` writes an event's frame to each of many lanes with one
+    ``send()`` per socket, in one loop with no Python call per socket but the
+    system call's, when the connection is not closing and nothing is queued on
+    its stream (a ping, a close frame or an earlier event must not be
+    overtaken); what the kernel does not take goes to ``rest``, which queues it
+    on the stream. Per socket it reads four objects (this one, the protocol's
+    flags, the stream's indexes, the socket) where the transport's own path
+    reads a dozen: on a lone event to thousands of sockets, memory reads and
+    interpreter work are the cost beside the system call. Made by :func:`lane_for`.
     """
 
     __slots__ = ("connection", "renderer", "rest", "socket", "stream")
@@ -75,24 +79,38 @@ class Lane:
         self.renderer = renderer
         self.rest = rest
 
-    def write_now(self, message: PreparedMessage) -> bool:
-        connection = self.connection
-        if connection.server_terminated or connection.client_terminated:
-            return False
-        stream = self.stream
-        if stream._total_write_index != stream._total_write_done_index:
-            return False
-        renderer = self.renderer
-        frame = message.websocket_frame if renderer is None else message.rendered(renderer)
-        try:
-            sent = self.socket.send(frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # closed, or a dead peer: the transport's own path finds out and drops the frame
-            return False
-        if sent != len(frame):
-            self.rest.write_rest(memoryview(frame)[sent:])
-        return True
+    @classmethod
+    def write_all(cls, lanes: Sequence[Lane], message: PreparedMessage) -> list[Lane]:
+        """Write ``message`` through each of ``lanes``; return those that declined (in order). Never raises."""
+        declined: list[Lane] = []
+        plain = message.websocket_frame
+        plain_size = len(plain)
+        for lane in lanes:
+            try:
+                connection = lane.connection
+                stream = lane.stream
+                if (connection.server_terminated or connection.client_terminated
+                        or stream._total_write_index != stream._total_write_done_index):
+                    declined.append(lane)
+                    continue
+                renderer = lane.renderer
+                if renderer is None:
+                    frame, size = plain, plain_size
+                else:
+                    frame = message.rendered(renderer)
+                    size = len(frame)
+                try:
+                    sent = lane.socket.send(frame)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:  # closed, or a dead peer: the transport's own path finds out and drops the frame
+                    declined.append(lane)
+                    continue
+                if sent != size:
+                    lane.rest.write_rest(memoryview(frame)[sent:])
+            except Exception:  # one broken connection must not starve the others
+                log.exception("a lone event's write failed")
+        return declined
 
 
 def write(stream: IOStream, data: bytes | memoryview) -> None:

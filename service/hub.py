@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -28,6 +28,7 @@ log = logging.getLogger("eddy.hub")
 ChannelKey = tuple[str, str]  # (tenant, channel)
 #: Channels whose fan-out the hub counts for /api/stats at once.
 COUNTED_CHANNELS = 10_000
+_ABSENT = object()
 
 
 class Subscriber(Protocol):
@@ -45,14 +46,40 @@ class Lane(Protocol):
 
     A subscriber registers a lane for a channel only while every event of that
     channel may go straight to its socket (it holds none back for a replay).
-    The hub hands a lone event to the lane first and to the subscriber's
-    ``deliver`` only when the lane declines, so the lane is the whole
-    per-socket cost of a lone event: it should touch as little as it can.
+    The hub hands a lone event to all of a channel's lanes of one class at once
+    (:meth:`write_all`), and to a subscriber's ``deliver`` only when its lane
+    declines, so the lanes are the whole per-socket cost of a lone event: they
+    should touch as little as they can, and cost no Python call per socket.
     """
 
-    def write_now(self, message: PreparedMessage) -> bool:
-        """Write ``message``'s frame to the socket now and return True, or do nothing and return False
-        (the connection is closing, or bytes queued earlier must go first); must not raise."""
+    @classmethod
+    def write_all(cls, lanes: Sequence[Any], message: PreparedMessage) -> list[Any]:
+        """Write ``message``'s frame now through each of ``lanes`` (all of this class) and return those that
+        declined (closing, or bytes queued earlier must go first), which wrote nothing; must not raise."""
+
+
+class _LonePlan:
+    """A channel's members as a lone event reaches them: lanes grouped by class, then the laneless.
+
+    Made on the channel's first lone event after its membership changed, so a
+    lone event reads no subscriber object on its way to the sockets.
+    """
+
+    __slots__ = ("batches", "laneless", "owners")
+
+    def __init__(self, members: dict[Subscriber, Lane | None]) -> None:
+        groups: dict[type[Lane], list[Lane]] = {}
+        #: The subscriber behind each lane: a declined lane's event goes through its ``deliver``.
+        self.owners: dict[Lane, Subscriber] = {}
+        laneless: list[Subscriber] = []
+        for subscriber, lane in members.items():
+            if lane is None:
+                laneless.append(subscriber)
+            else:
+                groups.setdefault(type(lane), []).append(lane)
+                self.owners[lane] = subscriber
+        self.batches = tuple((kind.write_all, tuple(lanes)) for kind, lanes in groups.items())
+        self.laneless = tuple(laneless)
 
 
 class Writer(Protocol):
@@ -70,6 +97,8 @@ class Hub:
     def __init__(self) -> None:
         #: Each channel's local subscribers, with the lane each registered for it (None: no lane).
         self._channels: dict[ChannelKey, dict[Subscriber, Lane | None]] = {}
+        #: Each channel's members as a lone event reaches them, dropped when its membership changes.
+        self._lone_plans: dict[ChannelKey, _LonePlan] = {}
         self._connections: set[Subscriber] = set()
         self.events_published = 0
         self.deliveries = 0
@@ -155,13 +184,15 @@ class Hub:
         Subscribing again replaces the lane (None: every event through ``deliver``).
         """
         self._channels.setdefault(key, {})[subscriber] = lane
+        self._lone_plans.pop(key, None)
         metrics.CHANNELS.set(len(self._channels))
 
     def unsubscribe(self, key: ChannelKey, subscriber: Subscriber) -> None:
         members = self._channels.get(key)
         if members is None:
             return
-        members.pop(subscriber, None)
+        if members.pop(subscriber, _ABSENT) is not _ABSENT:
+            self._lone_plans.pop(key, None)
         if not members:
             del self._channels[key]
             metrics.CHANNELS.set(len(self._channels))
@@ -216,11 +247,10 @@ class Hub:
             return 0
         started = time.perf_counter()
         message = PreparedMessage.for_event(event)
-        # Snapshots, because a subscriber may leave while we iterate.
         if self._starts_lone(alone):
-            delivered = self._write_lone(tuple(members), tuple(members.values()), message)
+            delivered = self._write_lone(event, members, message)
         else:
-            delivered = self._deliver(tuple(members), message)
+            delivered = self._deliver(tuple(members), message)  # a snapshot: a subscriber may leave meanwhile
         metrics.FANOUT_DURATION.observe(time.perf_counter() - started)
         return delivered
 
@@ -236,23 +266,32 @@ class Hub:
             self._mark_fanned_out()
         return lone
 
-    def _write_lone(self, recipients: tuple[Subscriber, ...], lanes: tuple[Lane | None, ...],
-                    message: PreparedMessage) -> int:
-        # The lane first: the per-socket work of a lone event is then one small object, the stream's state and
-        # the system call. A typing or presence signal skips one user, which only the subscriber knows.
-        direct = message.exclude_user is None
+    def _write_lone(self, event: Event, members: dict[Subscriber, Lane | None], message: PreparedMessage) -> int:
+        # The lanes first, each class's in one call: the per-socket work of a lone event is then the lane, the
+        # stream's state and the system call. A typing or presence signal skips one user, which only the
+        # subscriber knows, so it takes no lane.
         self._writing_now = True
         try:
-            for subscriber, lane in zip(recipients, lanes, strict=True):  # a dict's keys and values: same order
+            if message.exclude_user is not None:
+                others: Iterable[Subscriber] = tuple(members)
+            else:
+                key = (event.tenant, event.channel)
+                plan = self._lone_plans.get(key)
+                if plan is None:
+                    plan = self._lone_plans[key] = _LonePlan(members)
+                declined: list[Lane] = []
+                for write_all, lanes in plan.batches:
+                    declined += write_all(lanes, message)
+                others = [plan.owners[lane] for lane in declined] + list(plan.laneless) if declined \
+                    else plan.laneless
+            for subscriber in others:
                 try:
-                    if direct and lane is not None and lane.write_now(message):
-                        continue
                     subscriber.deliver(message)
                 except Exception:  # one broken subscriber must not starve the others
                     log.exception("delivery to a subscriber failed")
         finally:
             self._writing_now = False
-        return self._count(len(recipients))
+        return self._count(len(members))
 
     def _deliver(self, recipients: tuple[Subscriber, ...], message: PreparedMessage) -> int:
         for subscriber in recipients:

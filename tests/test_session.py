@@ -114,10 +114,12 @@ class FakeLane:
     def __init__(self, transport: FakeTransport) -> None:
         self.transport, self.writes = transport, 0
 
-    def write_now(self, message: PreparedMessage) -> bool:
-        self.writes += 1
-        self.transport.log.append(message)
-        return True
+    @classmethod
+    def write_all(cls, lanes, message: PreparedMessage) -> list:
+        for lane in lanes:
+            lane.writes += 1
+            lane.transport.log.append(message)
+        return []
 
 
 @pytest.mark.gen_test

@@ -263,10 +263,12 @@ class FakeLane:
     def __init__(self, accepts: bool) -> None:
         self.accepts, self.taken = accepts, []
 
-    def write_now(self, message: PreparedMessage) -> bool:
-        if self.accepts:
-            self.taken.append(orjson.loads(message.payload)["id"])
-        return self.accepts
+    @classmethod
+    def write_all(cls, lanes, message: PreparedMessage) -> list:
+        for lane in lanes:
+            if lane.accepts:
+                lane.taken.append(orjson.loads(message.payload)["id"])
+        return [lane for lane in lanes if not lane.accepts]
 
 
 @pytest.mark.gen_test
@@ -296,3 +298,41 @@ async def test_a_lone_event_goes_through_the_lane_and_the_rest_through_deliver()
     hub.subscribe(("t", "c"), taking)
     hub.publish(_event(5))
     assert lanes[0].taken == ["1"] and taking.writes[-1] == ["5"]
+
+class OtherLane(FakeLane):
+    """A lane of another class: the hub hands each class its own lanes."""
+
+    calls = 0
+
+    @classmethod
+    def write_all(cls, lanes, message: PreparedMessage) -> list:
+        OtherLane.calls += 1
+        return super().write_all(lanes, message)
+
+
+@pytest.mark.gen_test
+async def test_a_channels_lanes_follow_its_membership_between_lone_events():
+    hub = Hub()
+    first, second, third = Outbox(hub), Outbox(hub), Outbox(hub)
+    lanes = FakeLane(True), FakeLane(True), OtherLane(True)
+    hub.subscribe(("t", "c"), first, lanes[0])
+    hub.subscribe(("t", "c"), second, lanes[1])
+    hub.publish(_event(1))
+    assert [lane.taken for lane in lanes] == [["1"], ["1"], []]
+    # A member that leaves is not written to.
+    await asyncio.sleep(0)
+    hub.unsubscribe(("t", "c"), first)
+    hub.publish(_event(2))
+    assert [lane.taken for lane in lanes] == [["1"], ["1", "2"], []]
+    # One that joins, with a lane of another class, is.
+    await asyncio.sleep(0)
+    hub.subscribe(("t", "c"), third, lanes[2])
+    OtherLane.calls = 0
+    hub.publish(_event(3))
+    assert [lane.taken for lane in lanes] == [["1"], ["1", "2", "3"], ["3"]] and OtherLane.calls == 1
+    # Another channel's membership leaves this one's lanes as they are.
+    await asyncio.sleep(0)
+    hub.subscribe(("t", "other"), first, lanes[0])
+    hub.publish(_event(4))
+    assert [lane.taken for lane in lanes] == [["1"], ["1", "2", "3", "4"], ["3", "4"]]
+    assert first.writes == second.writes == third.writes == []
