@@ -9,9 +9,11 @@ wake-up asked for, default 2) and ``poll_interval`` (seconds between reads of
 the feed where the system cannot listen for other processes' commits, default
 0.005).
 
-How a watcher learns of a commit: at once from this process's writer; from
-another process through the doorbell beside the file (``storage/doorbell.py``,
-inotify); and, should a wake-up ever be missed, from the safety poll.
+How a watcher learns of a commit: from this process's writer, which hands it
+the events it just committed (so a local event reaches the hub without a read of
+the file); from another process through the doorbell beside the file
+(``storage/doorbell.py``, inotify); and, should a wake-up ever be missed, from
+the safety poll.
 
 Why it is safe to tail by position: SQLite admits one writer at a time and
 assigns ``AUTOINCREMENT`` positions inside the write transaction, so positions
@@ -138,6 +140,27 @@ class _RecordFailed(Exception):
     """An operation of a batch failed on its own record: the batch is run again, each operation alone."""
 
 
+class _Follower:
+    """One running watch: woken after every commit that changed something (any process), and handed the events
+    this process's writer committed, so that those need no read of the file."""
+
+    __slots__ = ("handed", "wakeup")
+
+    def __init__(self) -> None:
+        self.wakeup = asyncio.Event()
+        #: Events this process committed since the watch last looked, in position order (bounded: FEED_BATCH).
+        self.handed: list[Event] = []
+
+    def take(self, after: int) -> list[Event] | None:
+        """The handed events that follow ``after`` without a gap, or None when the file must be read: another
+        process committed in between, some were dropped to bound the list, or there are none."""
+        handed, self.handed = self.handed, []
+        handed = [event for event in handed if event.position > after]
+        if not handed or handed[0].position != after + 1 or handed[-1].position != after + len(handed):
+            return None
+        return handed
+
+
 class _Failed:
     """The result of one operation of a batch that failed alone."""
 
@@ -184,8 +207,10 @@ class SQLiteStorage(Storage):
         self._reader: sqlite3.Connection | None = None
         self._queue: asyncio.Queue[tuple[Callable[[sqlite3.Connection, float], Any], asyncio.Future[Any]]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        #: One event per running watcher, set after every commit that changed something (any process).
-        self._wakeups: set[asyncio.Event] = set()
+        #: The running watches (see :class:`_Follower`).
+        self._followers: set[_Follower] = set()
+        #: Events the writer inserted in the transaction it is running (the writer thread's alone).
+        self._inserted: list[Event] = []
         self._doorbell: Doorbell | None = None
         #: Seconds a watcher waits for a wake-up before it reads the feed anyway.
         self._watch_timeout = self.poll_interval
@@ -316,7 +341,7 @@ class SQLiteStorage(Storage):
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                results = await self._on(self._writer_pool, self._run_batch, [op for op, _ in batch])
+                results, inserted = await self._on(self._writer_pool, self._run_batch, [op for op, _ in batch])
             except asyncio.CancelledError:
                 for _, future in batch:
                     if not future.done():
@@ -328,7 +353,7 @@ class SQLiteStorage(Storage):
                     if not future.done():
                         future.set_exception(error)
                 continue
-            self._announce_commit()
+            # The writers' answers first (a POST's 201 leaves before the fan-out), then the watchers.
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
@@ -336,21 +361,25 @@ class SQLiteStorage(Storage):
                     future.set_exception(result.error)
                 else:
                     future.set_result(result)
+            self._announce_commit(inserted)
 
-    def _run_batch(self, operations: list[Callable[[sqlite3.Connection, float], Any]]) -> list[Any]:
-        """One transaction for the batch. When an operation fails on its record, the transaction is rolled back
-        and run again with each operation in its own savepoint, so only that operation fails: the common batch
-        pays for no savepoint, a batch with a bad record pays twice."""
+    def _run_batch(self, operations: list[Callable[[sqlite3.Connection, float], Any]]) -> tuple[list[Any], list[Event]]:
+        """One transaction for the batch: each operation's result, and the events it inserted.
+
+        When an operation fails on its record, the transaction is rolled back and run again with each
+        operation in its own savepoint, so only that operation fails: the common batch pays for no savepoint,
+        a batch with a bad record pays twice."""
         try:
-            return self._run_transaction(operations, alone=False)
+            return self._run_transaction(operations, alone=False), self._inserted
         except _RecordFailed:
-            return self._run_transaction(operations, alone=True)
+            return self._run_transaction(operations, alone=True), self._inserted
 
     def _run_transaction(self, operations: list[Callable[[sqlite3.Connection, float], Any]], *,
                          alone: bool) -> list[Any]:
         connection = self._writer
         assert connection is not None
         now = self.now()
+        self._inserted = []
         run = self._run_alone if alone else self._run_together
         try:
             connection.execute("BEGIN IMMEDIATE")
@@ -403,8 +432,7 @@ class SQLiteStorage(Storage):
             self._count_for_trim(event)
         return event
 
-    @staticmethod
-    def _insert_one(connection: sqlite3.Connection, draft: EventDraft, now: float) -> Event:
+    def _insert_one(self, connection: sqlite3.Connection, draft: EventDraft, now: float) -> Event:
         if draft.idempotency_key is not None:
             row = connection.execute(
                 f"SELECT {COLUMNS} FROM events WHERE tenant = ? AND idempotency_key = ?",
@@ -412,13 +440,15 @@ class SQLiteStorage(Storage):
             ).fetchone()
             if row is not None:
                 return _row_to_event(row)
+        row = (draft.tenant, draft.channel, draft.event, orjson.dumps(draft.data), now, int(draft.ephemeral),
+               draft.idempotency_key, orjson.dumps(draft.meta) if draft.meta is not None else None)
         cursor = connection.execute(
             "INSERT INTO events (tenant, channel, event, data, timestamp, ephemeral, idempotency_key, meta)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (draft.tenant, draft.channel, draft.event, orjson.dumps(draft.data), now, int(draft.ephemeral),
-             draft.idempotency_key, orjson.dumps(draft.meta) if draft.meta is not None else None),
-        )
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
         assert cursor.lastrowid is not None  # an INSERT always sets it
+        # For this process's watchers: the event as a read of the file would return it (decoded from what was
+        # stored, so it shares nothing with the caller's draft).
+        self._inserted.append(_row_to_event((cursor.lastrowid, *row)))
         return Event(cursor.lastrowid, draft.tenant, draft.channel, draft.event, draft.data, now,
                      draft.ephemeral, draft.idempotency_key, draft.meta)
 
@@ -674,15 +704,21 @@ class SQLiteStorage(Storage):
             raise StorageUnavailable(f"sqlite read failed: {exc}") from exc
 
     def _wake_watchers(self) -> None:
-        for wakeup in self._wakeups:
-            wakeup.set()
+        for follower in self._followers:
+            follower.wakeup.set()
 
-    def _announce_commit(self) -> None:
-        """After a batch that changed rows: wake this process's watchers now and ring for the other processes."""
+    def _announce_commit(self, inserted: list[Event]) -> None:
+        """After a batch that changed rows: hand this process's watchers the events it inserted, wake them now,
+        and ring for the other processes."""
         assert self._writer is not None and self._doorbell is not None
         changes = self._writer.total_changes
         if changes != self._changes_seen:
             self._changes_seen = changes
+            for follower in self._followers:
+                if len(follower.handed) + len(inserted) > FEED_BATCH:  # a watcher far behind reads the file
+                    follower.handed.clear()
+                else:
+                    follower.handed += inserted
             self._wake_watchers()
             self._doorbell.ring()
 
@@ -693,11 +729,19 @@ class SQLiteStorage(Storage):
 
     async def watch_batches(self, after: int) -> AsyncIterator[list[Event]]:
         self._check_open()
-        wakeup = asyncio.Event()
-        self._wakeups.add(wakeup)
+        follower = _Follower()
+        wakeup = follower.wakeup
+        self._followers.add(follower)
         loop = asyncio.get_running_loop()
         try:
             while not self._closed:
+                handed = follower.take(after)
+                if handed is not None:
+                    # This process's commit, next in line: no read before its fan-out. The file is read right
+                    # after it all the same: another process's ring may have been this same wake-up.
+                    yield handed
+                    after = handed[-1].position
+                    continue
                 wakeup.clear()
                 rows = await self._read(self._feed_after, after)
                 if rows:
@@ -716,7 +760,7 @@ class SQLiteStorage(Storage):
                 finally:
                     timer.cancel()
         finally:
-            self._wakeups.discard(wakeup)
+            self._followers.discard(follower)
         raise StorageUnavailable("sqlite storage was closed while watching")
 
     def _feed_after(self, after: int) -> list[Event]:

@@ -153,6 +153,38 @@ async def test_an_idle_feed_does_not_read_the_file(url, monkeypatch):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_local_commit_reaches_the_feed_without_a_read_and_a_gap_is_read(url, tmp_path, monkeypatch):
+    """The writer hands this process's watchers what it committed; another process's commit in between is
+    found by reading the file, in position order."""
+    store = open_storage(url + "?safety_poll=600")
+    await store.open()
+    reads = []
+    original = store._feed_after
+    monkeypatch.setattr(store, "_feed_after", lambda after: reads.append(after) or original(after))
+    feed = store.watch_batches(await store.last_position())
+    waiting = asyncio.ensure_future(feed.__anext__())
+    await asyncio.sleep(0.2)
+    assert len(reads) == 1
+    local = await store.append(EventDraft("acme", "orders", "local", {"n": [1, 2.5, "três"]}, meta={"by": "me"}))
+    (handed,) = await asyncio.wait_for(waiting, 5)
+    assert len(reads) == 1  # no read before the fan-out
+    assert handed == (await store.history("acme", "orders")).events[-1]  # as a read of the file returns it
+    assert handed.position == local.position and handed.data is not local.data
+    # Another process commits (and does not ring), then this one: the hand-off would skip a position.
+    other = sqlite3.connect(tmp_path / "eddy.db", isolation_level=None)
+    other.execute("INSERT INTO events (tenant, channel, event, data, timestamp) VALUES ('acme', 'orders', "
+                  "'remote', '{}', 0)")
+    other.close()
+    after_gap = await store.append(EventDraft("acme", "orders", "local-2"))
+    received = []
+    while len(received) < 2:
+        received += await asyncio.wait_for(feed.__anext__(), 5)
+    assert [e.event for e in received] == ["remote", "local-2"] and received[-1].position == after_gap.position
+    await feed.aclose()
+    await store.close()
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_locked_database_is_unavailable_then_recovers(url, tmp_path, io_loop):
     store = open_storage(url + "?busy_timeout=0.2")
     await store.open()
