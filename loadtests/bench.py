@@ -43,7 +43,9 @@ its last arrival. Raw results go to ``loadtests/results/bench-<timestamp>.json``
 (or ``--out``); ``--charts`` writes PNG charts to ``docs/benchmarks/``.
 ``--smoke`` is 50 sockets for a few seconds on every server (or those of ``--servers``), no charts.
 ``--profile DIR`` records each server with py-spy during the phases (set
-``BENCH_PY_SPY_FLAGS=--native`` for C frames). ``--servers`` also accepts the
+``BENCH_PY_SPY_FLAGS=--native`` for C frames), or with ``perf`` when ``BENCH_PERF`` holds its subcommand and
+flags (``"stat -e task-clock,context-switches"``, ``"record -g"``; ``-a`` for the whole machine), into
+``DIR/<server>-<sockets>-<phases>-r<repeat>.perf``. ``--servers`` also accepts the
 experiments ``eddy-uvloop`` and ``eddy-nogc``: Eddy's code unchanged, run on
 uvloop or with the cyclic GC disabled; and ``eddy-normal``: Eddy with SQLite
 ``synchronous=normal`` (no fsync per commit); and ``eddy-base``: Eddy from the
@@ -1189,16 +1191,24 @@ def summarize_run(result: dict[str, Any], reports: list[dict[str, Any]], starts:
 
 #: Extra py-spy flags (``BENCH_PY_SPY_FLAGS="--native"``, say).
 PY_SPY_EXTRA = os.environ.get("BENCH_PY_SPY_FLAGS", "").split()
+#: perf instead of py-spy: its subcommand and flags (``BENCH_PERF="stat -e task-clock,context-switches"``,
+#: ``BENCH_PERF="record -g -F 2000"``; with ``-a``, the whole machine rather than the server's process).
+PERF_ARGS = os.environ.get("BENCH_PERF", "").split()
 
 
 def start_profiler(server: ServerProcess, config: RunConfig, spec: ServerSpec, label: str) -> subprocess.Popen | None:
-    """py-spy (if installed) records the server during the profiled phases; SIGINT makes it write its output."""
+    """py-spy (if installed), or ``perf`` with ``BENCH_PERF``'s arguments, records the server during the profiled
+    phases; SIGINT makes either write its output."""
+    out = Path(config.profile_dir) / f"{spec.name}-{config.sockets}-{label}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if PERF_ARGS:
+        target = [] if "-a" in PERF_ARGS else ["-p", str(server.popen.pid)]
+        return subprocess.Popen(["perf", *PERF_ARGS, *target, "-o", f"{out}.perf"], stdout=subprocess.DEVNULL,
+                                stderr=open(f"{out}.log", "wb"))
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         log("py-spy not found: no profile")
         return None
-    out = Path(config.profile_dir) / f"{spec.name}-{config.sockets}-{label}"
-    out.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([py_spy, "record", "--pid", str(server.popen.pid), "--rate", "250", "--format", "raw", *PY_SPY_EXTRA,
                              "-o", f"{out}.txt"], stdout=subprocess.DEVNULL,
                             stderr=open(f"{out}.log", "wb"))
