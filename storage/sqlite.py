@@ -144,12 +144,19 @@ class _Follower:
     """One running watch: woken after every commit that changed something (any process), and handed the events
     this process's writer committed, so that those need no read of the file."""
 
-    __slots__ = ("handed", "wakeup")
+    __slots__ = ("handed", "rung", "wakeup")
 
     def __init__(self) -> None:
         self.wakeup = asyncio.Event()
         #: Events this process committed since the watch last looked, in position order (bounded: FEED_BATCH).
         self.handed: list[Event] = []
+        #: Woken since the last read by something other than this process's writer (a ring, a poll, a close):
+        #: what woke it may be in the file only.
+        self.rung = False
+
+    def ring(self) -> None:
+        self.rung = True
+        self.wakeup.set()
 
     def take(self, after: int) -> list[Event] | None:
         """The handed events that follow ``after`` without a gap, or None when the file must be read: another
@@ -705,7 +712,7 @@ class SQLiteStorage(Storage):
 
     def _wake_watchers(self) -> None:
         for follower in self._followers:
-            follower.wakeup.set()
+            follower.ring()
 
     def _announce_commit(self, inserted: list[Event]) -> None:
         """After a batch that changed rows: hand this process's watchers the events it inserted, wake them now,
@@ -719,7 +726,7 @@ class SQLiteStorage(Storage):
                     follower.handed.clear()
                 else:
                     follower.handed += inserted
-            self._wake_watchers()
+                follower.wakeup.set()
             self._doorbell.ring()
 
     async def watch(self, after: int) -> AsyncIterator[Event]:
@@ -737,24 +744,27 @@ class SQLiteStorage(Storage):
             while not self._closed:
                 handed = follower.take(after)
                 if handed is not None:
-                    # This process's commit, next in line: no read before its fan-out. The file is read right
-                    # after it all the same: another process's ring may have been this same wake-up.
+                    # This process's commit, next in line: no read. Unless something else woke the watch too (then
+                    # the file is read next), this commit's own ring is what reads the file after it.
+                    if not follower.rung:
+                        wakeup.clear()
                     yield handed
                     after = handed[-1].position
-                    continue
-                wakeup.clear()
-                rows = await self._read(self._feed_after, after)
-                if rows:
-                    yield rows
-                    after = rows[-1].position
-                if len(rows) == FEED_BATCH:
-                    continue
+                else:
+                    follower.rung = False
+                    wakeup.clear()
+                    rows = await self._read(self._feed_after, after)
+                    if rows:
+                        yield rows
+                        after = rows[-1].position
+                    if len(rows) == FEED_BATCH:
+                        continue
                 # Sleep until a commit wakes us (this process's writer, or another
                 # process's doorbell), or until the poll reads the feed anyway: the
                 # safety poll, or the fast poll where the doorbell cannot be heard.
                 # A timer rather than asyncio.wait_for: on Python 3.11, wait_for can
                 # swallow a cancellation that lands as its timeout fires.
-                timer = loop.call_later(self._watch_timeout, wakeup.set)
+                timer = loop.call_later(self._watch_timeout, follower.ring)
                 try:
                     await wakeup.wait()
                 finally:
