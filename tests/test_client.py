@@ -391,9 +391,12 @@ async def test_tail_prints_what_publish_stores_across_a_restart(processes, tmp_p
     early = [orjson.loads((await eddy_cli("publish", "tickets", "ticket.created", f'{{"n":{n}}}', "--url", http_url,
                                           env=env))[1]) for n in range(2)]
 
+    # Ctrl-C as at a terminal: a test run in the background of a script inherits SIGINT ignored (POSIX), and so
+    # would `eddy tail`, which then could not be stopped the way this test stops it.
     tail = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service", "tail", "tickets", "orders", "--since", early[0]["id"], "--url", ws_url,
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     async def line() -> dict[str, Any]:
         raw = await within(tail.stdout.readline(), 15)
