@@ -447,15 +447,15 @@ class SQLiteStorage(Storage):
             ).fetchone()
             if row is not None:
                 return _row_to_event(row)
-        row = (draft.tenant, draft.channel, draft.event, orjson.dumps(draft.data), now, int(draft.ephemeral),
-               draft.idempotency_key, orjson.dumps(draft.meta) if draft.meta is not None else None)
+        values = (draft.tenant, draft.channel, draft.event, orjson.dumps(draft.data), now, int(draft.ephemeral),
+                  draft.idempotency_key, orjson.dumps(draft.meta) if draft.meta is not None else None)
         cursor = connection.execute(
             "INSERT INTO events (tenant, channel, event, data, timestamp, ephemeral, idempotency_key, meta)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
         assert cursor.lastrowid is not None  # an INSERT always sets it
         # For this process's watchers: the event as a read of the file would return it (decoded from what was
         # stored, so it shares nothing with the caller's draft).
-        self._inserted.append(_row_to_event((cursor.lastrowid, *row)))
+        self._inserted.append(_row_to_event((cursor.lastrowid, *values)))
         return Event(cursor.lastrowid, draft.tenant, draft.channel, draft.event, draft.data, now,
                      draft.ephemeral, draft.idempotency_key, draft.meta)
 
