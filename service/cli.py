@@ -9,6 +9,7 @@ import ctypes.util
 import logging
 import os
 import resource
+import shutil
 import signal
 import sys
 import tempfile
@@ -67,6 +68,31 @@ def exit_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+#: The metrics directory ``serve --processes N`` makes when ``PROMETHEUS_MULTIPROC_DIR`` is unset:
+#: ``<tmp>/eddy-metrics-<parent pid>-<random>``, removed when the parent exits after its workers.
+METRICS_DIR_PREFIX = "eddy-metrics-"
+
+
+def remove_stale_metrics_dirs() -> None:
+    """Remove the metrics directories of ``serve --processes N`` parents that are gone (killed, so they could not
+    remove their own): their files would otherwise stay in the temporary directory for good."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        owner = name[len(METRICS_DIR_PREFIX):].split("-", 1)[0] if name.startswith(METRICS_DIR_PREFIX) else ""
+        if owner.isdigit() and not _alive(int(owner)) and os.path.isdir(os.path.join(root, name)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's process
+        return True
+    except (ProcessLookupError, OverflowError):  # gone; or a number no process can have
+        return False
+    return True
+
+
 def serve(settings: Settings) -> None:
     """Bind, optionally fork, and run until SIGTERM or SIGINT."""
     configure_logging(settings.log_level, settings.log_format)
@@ -80,15 +106,23 @@ def serve(settings: Settings) -> None:
     if settings.processes != 1:
         # Metrics of all processes are summed through files in one directory;
         # it must be set before prometheus_client is first imported.
+        metrics_dir = None
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eddy-metrics-")
+            remove_stale_metrics_dirs()
+            metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+                prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
         # One private loopback port per worker, so a worker can pass a Socket.IO polling request on to the
         # worker holding its session (handlers/engineio.py, ProcessRoute).
         count = settings.processes or usable_cpu_count()
         private = [tornado.netutil.bind_sockets(0, "127.0.0.1")[0] for _ in range(count)]
         ports = tuple(sock.getsockname()[1] for sock in private)
         parent = os.getpid()
-        index = tornado.process.fork_processes(count)
+        try:
+            index = tornado.process.fork_processes(count)
+        except SystemExit:  # the parent, once every worker has exited
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+            raise
         exit_with_parent(parent)
         sockets.append(private[index])
         for other, sock in enumerate(private):

@@ -25,7 +25,9 @@ class Settings:
     # Network
     port: int = setting(8888, "TCP port to listen on.", flag=True)
     address: str = setting("0.0.0.0", "Interface to bind; 127.0.0.1 keeps Eddy local.", flag=True)
-    processes: int = setting(1, "Worker processes sharing the port (0 = one per CPU this process may run on).", flag=True)
+    processes: int = setting(1, "Worker processes sharing the port (0 = one per CPU this process may run on). "
+                                "Their metrics are summed through PROMETHEUS_MULTIPROC_DIR, else through a "
+                                "directory made in the temporary directory and removed when they exit.", flag=True)
 
     # Storage
     storage: str = setting(

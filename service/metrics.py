@@ -1,7 +1,9 @@
 """Prometheus metrics (prometheus_client). Served at ``/metrics``.
 
 With ``eddy serve --processes N`` the processes share a directory
-(``PROMETHEUS_MULTIPROC_DIR``, created by the CLI when unset) and ``/metrics``
+(``PROMETHEUS_MULTIPROC_DIR``; when unset, the CLI creates one in the temporary
+directory and removes it once its workers have exited, or, if it was killed,
+at the next ``serve --processes N``) and ``/metrics``
 on any of them reports the sum over all of them. Labels never carry tenants,
 channels or users: cardinality stays fixed and nothing confidential is exposed.
 """

@@ -267,3 +267,33 @@ def test_processes_0_forks_one_worker_per_cpu_the_server_may_use(processes, tmp_
     workers = server.workers()
     assert len(workers) == 1, f"{len(workers)} workers forked for one allowed CPU"
     assert os.sched_getaffinity(workers[0]) == {cpu}  # forked after the pinning, so it inherits it
+
+
+def test_processes_flag_removes_the_metrics_directories_it_leaves(processes, tmp_path):
+    """A parent that exits after its workers removes its metrics directory; one that was killed leaves it, and the
+    next `serve --processes N` on the machine removes it (its owner is gone)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    stale = temp / "eddy-metrics-999999999-abc"  # a parent that no longer runs
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"x")
+    other = temp / "eddy-metrics-notapid"  # not one of ours
+    other.mkdir()
+    first = processes(f"sqlite:///{tmp_path}/eddy.db", args=["--processes", "2"], env={"TMPDIR": str(temp)})
+    mine = [p.name for p in temp.iterdir() if p.name.startswith(f"eddy-metrics-{first.process.pid}-")]
+    assert len(mine) == 1 and not stale.exists() and other.exists()
+    first.process.kill()  # no chance to clean up
+    first.process.wait(10)
+    assert (temp / mine[0]).exists()
+    second = processes(f"sqlite:///{tmp_path}/eddy.db", args=["--processes", "2"], env={"TMPDIR": str(temp)},
+                       port=free_port())
+    assert not (temp / mine[0]).exists()
+    # Workers that exit cleanly (each told to stop) let the parent exit, and it removes its own directory.
+    (own,) = [p for p in temp.iterdir() if p.name.startswith(f"eddy-metrics-{second.process.pid}-")]
+    deadline = time.monotonic() + 20
+    while second.process.poll() is None and time.monotonic() < deadline:
+        for worker in second.workers():  # again for a worker restarted because it was still starting up
+            os.kill(worker, signal.SIGTERM)
+        time.sleep(0.5)
+    assert second.process.poll() == 0
+    assert not own.exists()
