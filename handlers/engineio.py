@@ -529,7 +529,10 @@ class EngineSocket(EngineRequestMixin, tornado.websocket.WebSocketHandler):
         return origin_allowed(self.eddy, origin, self.request.host)
 
     async def open(self, *args: str) -> None:
-        self.ws_connection.stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes  # type: ignore[union-attr]
+        assert self.ws_connection is not None and self.ws_connection.stream is not None  # open: the handshake is done
+        stream = self.ws_connection.stream
+        stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
+        stream_write.no_delay(stream)
         sid, _transport = self.engine_arguments()
         port = self.engine.owner_port(sid)
         if port is not None:

@@ -148,6 +148,7 @@ class EventSocket(tornado.websocket.WebSocketHandler):
     def open(self, *args: str) -> None:
         stream = self._open_stream()
         assert stream is not None
+        stream_write.no_delay(stream)
         # Frames are written straight into this buffer; past the bound the socket
         # is a slow consumer and is closed instead of growing without limit.
         stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes

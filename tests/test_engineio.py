@@ -11,10 +11,12 @@ import time
 
 import orjson
 import pytest
+import websockets
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
 from tests.socketio_clients import NodeClients, PythonClients
 from tests.support import make_token
+from tests.test_nodelay import server_side_nodelay
 from tests.test_socketio_seeds import seed002_token, seed_settings
 
 
@@ -136,3 +138,11 @@ async def test_an_expired_token_gets_an_error_and_a_server_disconnect(http_serve
         assert (await clients.next("ana", "disconnect"))["reason"] == "io server disconnect"
     finally:
         await clients.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_engineio_websocket_sends_at_once(http_server, http_port):
+    url = f"ws://127.0.0.1:{http_port}/socket.io/?EIO=4&transport=websocket&token={seed002_token('agent-1')}"
+    async with websockets.connect(url) as ws:
+        assert (await asyncio.wait_for(ws.recv(), 5)).startswith("0")  # Engine.IO open
+        assert server_side_nodelay(ws.transport.get_extra_info("sockname")[1]) == 1
