@@ -99,7 +99,9 @@ def main() -> None:
     raise_open_file_limit()
     with tempfile.TemporaryDirectory() as tmp:
         env = os.environ | {"EDDY_JWT_SECRET": SECRET, "PYTHONPATH": str(ROOT), "EDDY_LOG_LEVEL": "warning",
-                            "EDDY_MAX_CONNECTIONS_PER_USER": "10"}
+                            "EDDY_MAX_CONNECTIONS_PER_USER": "10",
+                            # every socket comes from this one address (the default per-address cap is for real clients)
+                            "EDDY_MAX_CONNECTIONS_PER_IP": "1000000"}
         server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(args.port),
                                    "--address", "127.0.0.1", "--storage", f"sqlite:///{tmp}/eddy.db"], env=env)
         try:
