@@ -21,7 +21,8 @@ from tests.support import make_token
 
 def server_side_nodelay(client_port: int) -> int:
     """TCP_NODELAY of the server's end of the connection from ``client_port`` (the test runs the server)."""
-    for stream in (o for o in gc.get_objects() if isinstance(o, IOStream)):
+    # type(), not isinstance(): the heap holds weak proxies, which isinstance() dereferences (and a dead one raises).
+    for stream in (o for o in gc.get_objects() if type(o) is IOStream):
         sock = stream.socket
         try:
             if sock is not None and sock.getpeername()[1] == client_port:
