@@ -530,9 +530,7 @@ class EngineSocket(EngineRequestMixin, tornado.websocket.WebSocketHandler):
 
     async def open(self, *args: str) -> None:
         assert self.ws_connection is not None and self.ws_connection.stream is not None  # open: the handshake is done
-        stream = self.ws_connection.stream
-        stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
-        stream_write.no_delay(stream)
+        stream_write.carry_events(self.ws_connection.stream, self.eddy.settings.max_buffered_bytes)
         sid, _transport = self.engine_arguments()
         port = self.engine.owner_port(sid)
         if port is not None:

@@ -201,8 +201,7 @@ class SSEHandler(ApiHandler):
         assert identity is not None
         self._stream_headers()
         # The same bound as a socket's: past it the client is a slow consumer (replays wait below it).
-        self._stream().max_write_buffer_size = self.eddy.settings.max_buffered_bytes
-        stream_write.no_delay(self._stream())
+        stream_write.carry_events(self._stream(), self.eddy.settings.max_buffered_bytes)
         connected = {
             "type": "connected",
             "connection_id": self.session.connection_id,

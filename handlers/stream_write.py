@@ -32,14 +32,19 @@ _MISSING = object()
 log = logging.getLogger("eddy.websocket")
 
 
-def no_delay(stream: IOStream) -> None:
-    """Send what is written to ``stream`` at once (TCP_NODELAY), for every stream that carries events.
+def carry_events(stream: IOStream, max_buffered: int) -> None:
+    """Set up a stream that carries events (every transport's, once it is open): bounded, and sent at once.
 
-    Tornado leaves Nagle's algorithm on; Go's net package, asyncio and Node's ``ws`` turn it off for every
-    connection. With it on, bytes written while earlier ones are unacknowledged wait for their ACK, and a client
-    with nothing to send delays its ACK (40 ms and more on Linux). On a real network that holds back the tail of
-    any event longer than one segment (~1.4 KB), and an event sent within a round trip of the one before.
+    Bounded: past ``max_buffered`` unsent bytes a write raises, and the transport closes the client as a slow
+    consumer instead of growing without limit.
+
+    Sent at once (TCP_NODELAY): Tornado leaves Nagle's algorithm on; Go's net package, asyncio and Node's ``ws``
+    turn it off for every connection. With it on, bytes written while earlier ones are unacknowledged wait for
+    their ACK, and a client with nothing to send delays its ACK (40 ms and more on Linux). On a real network that
+    holds back the tail of any event longer than one segment (~1.4 KB), and an event sent within a round trip of
+    the one before.
     """
+    stream.max_write_buffer_size = max_buffered
     stream.set_nodelay(True)
 
 

@@ -148,10 +148,8 @@ class EventSocket(tornado.websocket.WebSocketHandler):
     def open(self, *args: str) -> None:
         stream = self._open_stream()
         assert stream is not None
-        stream_write.no_delay(stream)
-        # Frames are written straight into this buffer; past the bound the socket
-        # is a slow consumer and is closed instead of growing without limit.
-        stream.max_write_buffer_size = self.eddy.settings.max_buffered_bytes
+        # Frames are written straight into this stream's buffer, within its bound.
+        stream_write.carry_events(stream, self.eddy.settings.max_buffered_bytes)
         # Every close frame reaches the client, even one sent while it is still writing.
         stream.socket = lingering(stream.socket)
         assert self.ws_connection is not None

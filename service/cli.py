@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import tornado.httpserver
 import tornado.netutil
@@ -76,11 +77,10 @@ METRICS_DIR_PREFIX = "eddy-metrics-"
 def remove_stale_metrics_dirs() -> None:
     """Remove the metrics directories of ``serve --processes N`` parents that are gone (killed, so they could not
     remove their own): their files would otherwise stay in the temporary directory for good."""
-    root = tempfile.gettempdir()
-    for name in os.listdir(root):
-        owner = name[len(METRICS_DIR_PREFIX):].split("-", 1)[0] if name.startswith(METRICS_DIR_PREFIX) else ""
-        if owner.isdigit() and not _alive(int(owner)) and os.path.isdir(os.path.join(root, name)):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*"):
+        owner = path.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and path.is_dir() and not _alive(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -28,7 +28,6 @@ log = logging.getLogger("eddy.hub")
 ChannelKey = tuple[str, str]  # (tenant, channel)
 #: Channels whose fan-out the hub counts for /api/stats at once.
 COUNTED_CHANNELS = 10_000
-_ABSENT = object()
 
 
 class Subscriber(Protocol):
@@ -191,7 +190,8 @@ class Hub:
         members = self._channels.get(key)
         if members is None:
             return
-        if members.pop(subscriber, _ABSENT) is not _ABSENT:
+        if subscriber in members:
+            del members[subscriber]
             self._lone_plans.pop(key, None)
         if not members:
             del self._channels[key]
@@ -240,15 +240,16 @@ class Hub:
         leave in one write per socket at the end of the iteration.
         """
         self.events_published += 1
+        key = (event.tenant, event.channel)
         if not event.event.startswith(PROTOCOL_EVENT_PREFIX):  # typing, reads, presence are not the channel's events
-            self.channel_events.add((event.tenant, event.channel))
-        members = self._channels.get((event.tenant, event.channel))
+            self.channel_events.add(key)
+        members = self._channels.get(key)
         if not members:
             return 0
         started = time.perf_counter()
         message = PreparedMessage.for_event(event)
         if self._starts_lone(alone):
-            delivered = self._write_lone(event, members, message)
+            delivered = self._write_lone(key, members, message)
         else:
             delivered = self._deliver(tuple(members), message)  # a snapshot: a subscriber may leave meanwhile
         metrics.FANOUT_DURATION.observe(time.perf_counter() - started)
@@ -266,7 +267,7 @@ class Hub:
             self._mark_fanned_out()
         return lone
 
-    def _write_lone(self, event: Event, members: dict[Subscriber, Lane | None], message: PreparedMessage) -> int:
+    def _write_lone(self, key: ChannelKey, members: dict[Subscriber, Lane | None], message: PreparedMessage) -> int:
         # The lanes first, each class's in one call: the per-socket work of a lone event is then the lane, the
         # stream's state and the system call. A typing or presence signal skips one user, which only the
         # subscriber knows, so it takes no lane.
@@ -275,7 +276,6 @@ class Hub:
             if message.exclude_user is not None:
                 others: Iterable[Subscriber] = tuple(members)
             else:
-                key = (event.tenant, event.channel)
                 plan = self._lone_plans.get(key)
                 if plan is None:
                     plan = self._lone_plans[key] = _LonePlan(members)
