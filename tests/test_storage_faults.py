@@ -61,8 +61,10 @@ async def test_locked_file_503_readyz_red_sockets_open_then_nothing_lost(http_se
     first = await publish(http_port, "orders", "created", {"n": 1}, token)
     assert (await client.recv_type("event"))["id"] == first["id"]
 
-    holder = sqlite3.connect(tmp_path / "eddy.db", isolation_level=None, timeout=0)
-    holder.execute("BEGIN EXCLUSIVE")  # another process is writing and keeps the lock
+    # Another process is writing and keeps the lock. It waits its turn for the lock: Eddy's own brief transactions
+    # (the scheduler's check for due events, four times a second) may hold it at this moment.
+    holder = sqlite3.connect(tmp_path / "eddy.db", isolation_level=None, timeout=5)
+    holder.execute("BEGIN EXCLUSIVE")
     refused = await http(http_port, "POST", "/api/events",
                          {"channel": "orders", "event": "created", "data": {"n": 2}, "idempotency_key": "order-2"},
                          token)
