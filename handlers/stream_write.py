@@ -7,7 +7,8 @@ kernel's buffer instead, and only what did not fit goes through
 ``IOStream.write``. Knowing that nothing is queued needs ``IOStream``'s
 private state: :func:`write` reads its ``_write_buffer``, and a :class:`Lane`
 (a lone event's path, which must touch as little memory per socket as it can)
-compares its two write indexes. If a Tornado release renames them, :func:`write`
+compares its two write indexes after anything but its own ``send()`` went
+through the stream. If a Tornado release renames them, :func:`write`
 falls back to ``IOStream.write`` for everything and no lane is made (correct,
 only slower), and ``tests/test_stream_write.py`` fails loudly so the fast path
 gets fixed.
@@ -16,6 +17,7 @@ gets fixed.
 from __future__ import annotations
 
 import logging
+from asyncio import Future
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -78,22 +80,46 @@ class Lane:
     system call's, when the connection is not closing and nothing is queued on
     its stream (a ping, a close frame or an earlier event must not be
     overtaken); what the kernel does not take goes to ``rest``, which queues it
-    on the stream. Per socket it reads four objects (this one, the protocol's
-    flags, the stream's indexes, the socket) where the transport's own path
-    reads a dozen: on a lone event to thousands of sockets, memory reads and
-    interpreter work are the cost beside the system call. Made by :func:`lane_for`.
+    on the stream. Made by :func:`lane_for`.
+
+    On a lone event to thousands of sockets, memory reads and interpreter work
+    are the cost beside the system call, so the lane keeps what it needs in
+    itself: the socket's ``send``, its renderer, and :attr:`clear`, which says
+    that the stream was idle when the lane last looked and has carried nothing
+    since but the lane's own sends. Every other write passes through the
+    stream's ``write``, which the lane replaces with :meth:`write_through`
+    (Tornado's own frames: pings, pongs, the close frame; and the transport's
+    queued bytes): that clears the flag, and the next lone event looks at the
+    connection and the stream again (:meth:`check`) before it sends. A clear
+    lane costs its event one flag, one ``send()`` and one comparison.
     """
 
-    __slots__ = ("connection", "renderer", "rest", "socket", "stream")
+    __slots__ = ("clear", "connection", "renderer", "rest", "send", "stream")
 
     def __init__(self, connection: WebSocketProtocol, renderer: Renderer | None, rest: Rest) -> None:
         assert connection.stream is not None, "a lane is made for an open connection"
         self.connection = connection
         self.stream: IOStream = connection.stream
-        self.socket = self.stream.socket
+        self.send = self.stream.socket.send
         #: None: the plain WebSocket frame; else the renderer of this socket's frames (compressed, a dialect's).
         self.renderer = renderer
         self.rest = rest
+        #: True while the lane may send without looking: set by :meth:`check`, cleared by any other write.
+        self.clear = False
+        # An instance attribute, found before IOStream.write by every caller (Tornado's protocol included).
+        self.stream.write = self.write_through  # type: ignore[method-assign]
+
+    def write_through(self, data: bytes | memoryview) -> Future[None]:
+        """The stream's ``write`` while the lane lives: ``IOStream.write``, after which the lane looks again."""
+        self.clear = False
+        return IOStream.write(self.stream, data)
+
+    def check(self) -> bool:
+        """Whether the lane may send now (the connection is not closing and nothing is queued); sets :attr:`clear`."""
+        connection, stream = self.connection, self.stream
+        self.clear = not (connection.server_terminated or connection.client_terminated) \
+            and stream._total_write_index == stream._total_write_done_index
+        return self.clear
 
     @classmethod
     def write_all(cls, lanes: Sequence[Lane], message: PreparedMessage) -> list[Lane]:
@@ -103,10 +129,7 @@ class Lane:
         plain_size = len(plain)
         for lane in lanes:
             try:
-                connection = lane.connection
-                stream = lane.stream
-                if (connection.server_terminated or connection.client_terminated
-                        or stream._total_write_index != stream._total_write_done_index):
+                if not (lane.clear or lane.check()):
                     declined.append(lane)
                     continue
                 renderer = lane.renderer
@@ -116,10 +139,11 @@ class Lane:
                     frame = message.rendered(renderer)
                     size = len(frame)
                 try:
-                    sent = lane.socket.send(frame)
+                    sent = lane.send(frame)
                 except BlockingIOError:
                     sent = 0
                 except OSError:  # closed, or a dead peer: the transport's own path finds out and drops the frame
+                    lane.clear = False
                     declined.append(lane)
                     continue
                 if sent != size:
