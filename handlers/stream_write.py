@@ -106,7 +106,9 @@ class Lane:
         self.rest = rest
         #: True while the lane may send without looking: set by :meth:`check`, cleared by any other write.
         self.clear = False
-        # An instance attribute, found before IOStream.write by every caller (Tornado's protocol included).
+        # An instance attribute, found before IOStream.write by every caller (Tornado's protocol included). One
+        # lane per stream: a second would take the hook from the first, whose flag would then never be cleared.
+        assert "write" not in vars(self.stream), "a stream has one lane"
         self.stream.write = self.write_through  # type: ignore[method-assign]
 
     def write_through(self, data: bytes | memoryview) -> Future[None]:
