@@ -46,11 +46,12 @@ its last arrival. Raw results go to ``loadtests/results/bench-<timestamp>.json``
 ``BENCH_PY_SPY_FLAGS=--native`` for C frames), or with ``perf`` when ``BENCH_PERF`` holds its subcommand and
 flags (``"stat -e task-clock,context-switches"``, ``"record -g"``; ``-a`` for the whole machine), into
 ``DIR/<server>-<sockets>-<phases>-r<repeat>.perf``. ``--servers`` also accepts the
-experiments ``eddy-uvloop`` and ``eddy-nogc``: Eddy's code unchanged, run on
-uvloop or with the cyclic GC disabled; and ``eddy-normal``: Eddy with SQLite
+experiments ``eddy-uvloop``, ``eddy-nogc``, ``eddy-nosched`` and ``eddy-mem``: Eddy's code unchanged, run on
+uvloop, with the cyclic GC disabled, with the scheduled-event check hourly, or on the in-memory store; and ``eddy-normal``: Eddy with SQLite
 ``synchronous=normal`` (no fsync per commit); and ``eddy-base``: Eddy from the
 source tree in ``$BENCH_BASE_TREE`` (before/after a change in one run); and ``eddy-p2``: Eddy with
 ``--processes 2``. ``--profile-phases solo`` profiles only the solo phase (where a lone event's time goes).
+``BENCH_CLIENTS_BATCH=1`` runs the client side as ``SCHED_BATCH`` tasks (an experiment: see :data:`CLIENTS_BATCH`).
 
 Any server name may carry a CPU placement (``loadtests/placement.py``): ``eddy@0/1`` runs the server and every
 process it forks on CPU 0, and the load generators and the harness on CPU 1; without ``@`` nothing is pinned.
@@ -533,6 +534,8 @@ STORAGE_VARIANTS = {
 EXPERIMENTS = {
     "eddy-uvloop": "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())",
     "eddy-nogc": "import gc; gc.disable()",
+    "eddy-nosched": "import os; os.environ['EDDY_SCHEDULE_INTERVAL'] = '3600'",  # the scheduled-event check hourly
+    "eddy-mem": "i = sys.argv.index('--storage'); sys.argv[i + 1] = 'memory://'",  # no store threads, no fsync
 }
 #: Eddy with ``--processes N``: N workers forked after binding, sharing one listening socket (the kernel hands each
 #: new connection to whichever worker accepts it first); each worker fans out to its own sockets.
@@ -999,6 +1002,9 @@ async def one_run(ctx: Context, label: str, config: RunConfig, repeat: int) -> d
         # The client side first (this harness and the load generators; unpinned runs undo an earlier run's pins),
         # then the server, pinned before it starts so that every process it forks inherits its CPUs.
         harness_cpus = format_cpus(frozenset(pin_this_process(placement.clients)))
+        if CLIENTS_BATCH:
+            batch_scheduling([os.getpid(), *(g.process.pid for g in generators)])
+            result["clients_batch"] = True
         pins = await asyncio.gather(*(g.call("pin", cpus=placement.clients) for g in generators))
         result["affinity"] = {"harness": harness_cpus, "load_generators": [pin["cpus"] for pin in pins]}
         await server.start()
@@ -1191,6 +1197,19 @@ def summarize_run(result: dict[str, Any], reports: list[dict[str, Any]], starts:
 
 #: Extra py-spy flags (``BENCH_PY_SPY_FLAGS="--native"``, say).
 PY_SPY_EXTRA = os.environ.get("BENCH_PY_SPY_FLAGS", "").split()
+#: ``BENCH_CLIENTS_BATCH=1``: the harness and the load generators run as ``SCHED_BATCH`` tasks, which the kernel never
+#: lets preempt a running task when they wake. On loopback a receiver is woken inside the server's ``send()`` and often
+#: placed on the server's own core, where it preempts it; clients on other machines cannot. An experiment.
+CLIENTS_BATCH = bool(os.environ.get("BENCH_CLIENTS_BATCH"))
+
+
+def batch_scheduling(pids: list[int]) -> None:
+    """Every thread of each process in ``pids`` becomes a ``SCHED_BATCH`` task (see :data:`CLIENTS_BATCH`)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
+
+
 #: perf instead of py-spy: its subcommand and flags (``BENCH_PERF="stat -e task-clock,context-switches"``,
 #: ``BENCH_PERF="record -g -F 2000"``; with ``-a``, the whole machine rather than the server's process).
 PERF_ARGS = os.environ.get("BENCH_PERF", "").split()
