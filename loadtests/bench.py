@@ -47,8 +47,8 @@ its last arrival. Raw results go to ``loadtests/results/bench-<timestamp>.json``
 flags (``"stat -e task-clock,context-switches"``, ``"record -g"``; ``-a`` for the whole machine), into
 ``DIR/<server>-<sockets>-<phases>-r<repeat>.perf``. ``--servers`` also accepts the
 experiments ``eddy-uvloop``, ``eddy-nogc``, ``eddy-nosched`` and ``eddy-mem``: Eddy's code unchanged, run on
-uvloop, with the cyclic GC disabled, with the scheduled-event check hourly, or on the in-memory store; and ``eddy-normal``: Eddy with SQLite
-``synchronous=normal`` (no fsync per commit); and ``eddy-base``: Eddy from the
+uvloop, with the cyclic GC disabled, with the scheduled-event check hourly, or on the in-memory store; and
+``eddy-normal``: Eddy with SQLite ``synchronous=normal`` (no fsync per commit); and ``eddy-base``: Eddy from the
 source tree in ``$BENCH_BASE_TREE`` (before/after a change in one run); and ``eddy-p2``: Eddy with
 ``--processes 2``. ``--profile-phases solo`` profiles only the solo phase (where a lone event's time goes).
 ``BENCH_CLIENTS_BATCH=1`` runs the client side as ``SCHED_BATCH`` tasks (an experiment: see :data:`CLIENTS_BATCH`).
