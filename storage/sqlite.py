@@ -623,6 +623,11 @@ class SQLiteStorage(Storage):
 
     async def claim_due(self, owner: str, now: float, lease: float, limit: int) -> list[ScheduledEvent]:
         self._check_open()
+        # Most checks find nothing due: asked first on the reader connection, they take no write lock (which every
+        # process on the file shares) and cost no write transaction.
+        if not await self._read(self._query, "SELECT 1 FROM scheduled WHERE deliver_at <= ? AND claimed_until <= ?"
+                                " LIMIT 1", (now, now)):
+            return []
 
         def claim(connection: sqlite3.Connection) -> list[ScheduledEvent]:
             # BEGIN IMMEDIATE makes select-then-update one atomic step across processes.

@@ -248,3 +248,26 @@ async def test_synchronous_is_full_unless_asked(url, query, level):
 def test_synchronous_takes_full_or_normal_only(url):
     with pytest.raises(ValueError, match="synchronous"):
         open_storage(url + "?synchronous=off")
+
+
+@pytest.mark.gen_test
+async def test_a_check_for_due_events_takes_the_write_lock_only_when_one_is_due(url):
+    """The scheduler asks four times a second; with nothing due, the check is a read (no write transaction, so no
+    write lock taken from the other processes on the file)."""
+    import time
+
+    store = open_storage(url)
+    await store.open()
+    try:
+        later = await store.schedule(EventDraft("acme", "orders", "later", {}), time.time() + 3600)
+        before = store.transactions
+        for _ in range(3):
+            assert await store.claim_due("me", time.time(), 30, 10) == []
+        assert store.transactions == before
+        due = await store.schedule(EventDraft("acme", "orders", "due", {}), time.time() - 1)
+        claimed = await store.claim_due("me", time.time(), 30, 10)
+        assert [item.id for item in claimed] == [due.id] and later.id != due.id
+        assert store.transactions == before + 2  # the schedule, then the claim
+        assert await store.claim_due("other", time.time(), 30, 10) == []  # claimed: leased to "me"
+    finally:
+        await store.close()
