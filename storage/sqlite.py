@@ -158,6 +158,15 @@ class _Follower:
         self.rung = True
         self.wakeup.set()
 
+    def hand(self, inserted: list[Event]) -> None:
+        """This process's writer committed ``inserted``: keep them for the watch, and wake it. A watch so far behind
+        that the list would pass FEED_BATCH gets none (it reads the file)."""
+        if len(self.handed) + len(inserted) > FEED_BATCH:
+            self.handed.clear()
+        else:
+            self.handed += inserted
+        self.wakeup.set()
+
     def take(self, after: int) -> list[Event] | None:
         """The handed events that follow ``after`` without a gap, or None when the file must be read: another
         process committed in between, some were dropped to bound the list, or there are none."""
@@ -727,11 +736,7 @@ class SQLiteStorage(Storage):
         if changes != self._changes_seen:
             self._changes_seen = changes
             for follower in self._followers:
-                if len(follower.handed) + len(inserted) > FEED_BATCH:  # a watcher far behind reads the file
-                    follower.handed.clear()
-                else:
-                    follower.handed += inserted
-                follower.wakeup.set()
+                follower.hand(inserted)
             self._doorbell.ring()
 
     async def watch(self, after: int) -> AsyncIterator[Event]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 import time
 import uuid
+from base64 import b64encode
 from typing import Any
 
 import jwt
@@ -135,3 +137,47 @@ async def publish(port: int, channel: str, event: str = "ticket.created", data: 
                           token or make_token())
     assert response.code == 201, response.body
     return json_of(response)
+
+
+class RawSocket:
+    """A WebSocket client that answers a server ping only when told to, and notes when each one came."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, opened: float) -> None:
+        self.reader, self.writer, self.opened = reader, writer, opened
+        self.pings: list[float] = []
+
+    @classmethod
+    async def connect(cls, port: int, user: str, path: str = "/ws") -> RawSocket:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        key = b64encode(os.urandom(16)).decode()
+        writer.write(f"GET {path}?access_token={make_token(user)} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+        return cls(reader, writer, asyncio.get_running_loop().time())
+
+    async def frame(self) -> tuple[int, bytes]:
+        head = await self.reader.readexactly(2)
+        size = head[1] & 0x7F
+        if size == 126:
+            size = struct.unpack("!H", await self.reader.readexactly(2))[0]
+        return head[0] & 0x0F, await self.reader.readexactly(size)
+
+    def pong(self, payload: bytes) -> None:
+        mask = os.urandom(4)
+        self.writer.write(bytes([0x8A, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    async def run(self, answer: int, until: float) -> tuple[int, bytes] | None:
+        """Read until ``until`` (loop time), answering the first ``answer`` pings; the close frame if one came."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout(until - loop.time()):
+                    opcode, payload = await self.frame()
+            except TimeoutError:
+                return None
+            if opcode == 0x9:
+                self.pings.append(loop.time() - self.opened)
+                if len(self.pings) <= answer:
+                    self.pong(payload)
+            elif opcode == 0x8:
+                return opcode, payload

@@ -10,7 +10,7 @@ from tornado.iostream import IOStream
 from handlers import stream_write
 from handlers.websocket import EventSocket
 from service.frames import PreparedMessage
-from tests.support import Client, make_token
+from tests.support import Client, RawSocket, make_token
 
 
 def server_stream(eddy) -> IOStream:
@@ -111,20 +111,6 @@ async def test_lone_events_to_a_client_that_stops_reading_arrive_whole_and_in_or
             assert event["data"] == {"n": n, "blob": data}
 
 
-async def read_frames(reader, until_opcode: int) -> list[tuple[int, bytes]]:
-    """Unmasked server frames as (opcode, payload), up to and including the first of ``until_opcode``."""
-    frames = []
-    while not frames or frames[-1][0] != until_opcode:
-        head = await reader.readexactly(2)
-        length = head[1] & 0x7F
-        if length == 126:
-            length = int.from_bytes(await reader.readexactly(2), "big")
-        elif length == 127:
-            length = int.from_bytes(await reader.readexactly(8), "big")
-        frames.append((head[0] & 0x0F, await reader.readexactly(length)))
-    return frames
-
-
 @pytest.mark.gen_test
 async def test_a_lane_sends_nothing_after_the_close_frame(http_server, http_port, eddy):
     """The server's close frame goes through the stream's ``write``; the lane must look again, and decline.
@@ -133,15 +119,8 @@ async def test_a_lane_sends_nothing_after_the_close_frame(http_server, http_port
     event in that time would follow the close frame on the wire (RFC 6455 forbids any frame after it).
     """
     import asyncio
-    import base64
-    import os
 
-    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write((f"GET /ws/room/stream?access_token={make_token()} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                  f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    client = await RawSocket.connect(http_port, "alice", "/ws/room/stream")
     (session,) = tuple(eddy.hub._connections)
     lane = session.transport.lane
     stored = await eddy.append("acme", "room", "before", {})
@@ -151,12 +130,14 @@ async def test_a_lane_sends_nothing_after_the_close_frame(http_server, http_port
     assert eddy.hub._channels[("acme", "room")][session] is lane  # still subscribed: the client has not answered
     stored = await eddy.append("acme", "room", "after", {})
     await eddy.watcher.passed(stored.position, timeout=5)
-    frames = await read_frames(reader, until_opcode=0x8)
+    frames = [await client.frame()]
+    while frames[-1][0] != 0x8:
+        frames.append(await client.frame())
     assert [json.loads(payload).get("event") for opcode, payload in frames if opcode == 0x1] == [None, "before"]
     assert frames[-1][1][:2] == (1000).to_bytes(2, "big")
     try:
-        after = await asyncio.wait_for(reader.read(1), 0.5)
+        after = await asyncio.wait_for(client.reader.read(1), 0.5)
     except asyncio.TimeoutError:
         after = b""
     assert after == b"", "a frame followed the close frame"
-    writer.close()
+    client.writer.close()
