@@ -44,13 +44,17 @@ class Pingable(Protocol):
     #: Set to False when a ping is sent, to True by the handler's ``on_pong``.
     pong_received: bool
 
-    def ping(self, data: bytes = b"") -> None: ...
+    def keepalive_ping(self) -> None:
+        """Send a PING frame with no payload (:data:`PING_FRAME`)."""
 
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
     def keepalive_closed(self) -> bool:
         """True once the connection is closing or closed (the sweep forgets it)."""
 
+
+#: The sweep's ping as it goes on the wire: FIN, opcode 0x9, no mask, no payload (what Tornado's ``ping()`` writes).
+PING_FRAME = b"\x89\x00"
 
 _PING, _CHECK = 0, 1
 
@@ -118,7 +122,7 @@ class PingSweep:
     def _visit(self, socket: Pingable, action: int, pinged: float, ref: weakref.ref[Pingable], now: float) -> None:
         if action == _PING:
             socket.pong_received = False
-            socket.ping()
+            socket.keepalive_ping()
             if self.timeout > 0:
                 self._push(now + self.timeout, _CHECK, now, ref)
             else:

@@ -123,6 +123,25 @@ class Lane:
             and stream._total_write_index == stream._total_write_done_index
         return self.clear
 
+    def write_frame(self, frame: bytes) -> bool:
+        """Send one frame of the transport's own (the keepalive's ping) as a lone event's is; False when the lane
+        may not send now, and the caller writes it through the stream, behind what is queued.
+
+        :meth:`write_all`'s step for one socket, kept apart: that loop calls nothing per socket but ``send()``.
+        """
+        if not (self.clear or self.check()):
+            return False
+        try:
+            sent = self.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # closed, or a dead peer: the stream's own path finds out
+            self.clear = False
+            return False
+        if sent != len(frame):
+            self.rest.write_rest(memoryview(frame)[sent:])
+        return True
+
     @classmethod
     def write_all(cls, lanes: Sequence[Lane], message: PreparedMessage) -> list[Lane]:
         """Write ``message`` through each of ``lanes``; return those that declined (in order). Never raises."""

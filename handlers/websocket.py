@@ -177,6 +177,12 @@ class EventSocket(tornado.websocket.WebSocketHandler):
     def on_pong(self, data: bytes) -> None:
         self.pong_received = True
 
+    def keepalive_ping(self) -> None:
+        """The sweep's ping: two bytes in one ``send()`` through the lane when it may send, else Tornado's
+        ``ping()`` (the lane's stream has bytes queued, or this socket has no lane)."""
+        if self.lane is None or not self.lane.write_frame(keepalive.PING_FRAME):
+            self.ping()
+
     def on_close(self) -> None:
         self.session.closed()
         self.session.log.debug("closed (%s)", self.close_code)

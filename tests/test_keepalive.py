@@ -66,3 +66,53 @@ async def test_closed_sockets_leave_the_sweep(http_server, http_port, app):
     client.writer.close()
     await asyncio.sleep(INTERVAL + 0.1)
     assert len(sweep) == 0
+
+
+def server_socket(eddy):
+    (session,) = tuple(eddy.hub._connections)
+    return session.transport
+
+
+@pytest.mark.gen_test(timeout=15)
+@pytest.mark.settings(ping_interval=0.5, ping_timeout=0.5)
+async def test_a_ping_on_an_idle_stream_is_one_send_through_the_lane(http_server, http_port, eddy, monkeypatch):
+    """The sweep's ping is two bytes in one ``send()``: no ``IOStream.write``, and the lane stays clear."""
+    from tornado.iostream import IOStream
+
+    writes = []
+    original = IOStream.write
+    monkeypatch.setattr(IOStream, "write", lambda self, data: writes.append(bytes(data)) or original(self, data))
+    client = await RawSocket.connect(http_port, "idle")
+    socket = server_socket(eddy)
+    assert await client.run(answer=2, until=asyncio.get_running_loop().time() + 1.3) is None
+    assert len(client.pings) == 2, client.pings
+    assert keepalive.PING_FRAME not in writes
+    assert socket.lane.clear and not socket.ws_connection.is_closing()  # both pongs came back in time
+    client.writer.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.settings(ping_interval=0.5, ping_timeout=5, max_buffered_bytes=64 << 20)
+async def test_a_ping_waits_behind_bytes_queued_on_the_stream(http_server, http_port, eddy):
+    """While the stream holds bytes the kernel did not take, the ping goes through the stream, after them.
+
+    A ping sent past them would land inside the queued frame on the wire and corrupt it.
+    """
+    from tornado.websocket import WebSocketProtocol13
+
+    from service.frames import websocket_text_frame
+
+    client = await RawSocket.connect(http_port, "queued")
+    assert (await client.frame())[0] == 0x1  # connected
+    socket = server_socket(eddy)
+    stream = socket.ws_connection.stream
+    frames = [websocket_text_frame(bytes([65 + n % 26]) * 60_000) for n in range(200)]  # 12 MB, unread for now
+    for frame in frames:
+        stream.write(frame)
+    assert stream._total_write_index != stream._total_write_done_index, "the kernel took everything"
+    await asyncio.sleep(0.7)  # the ping is due at 0.5 s
+    got = [await client.frame() for _ in range(len(frames) + 1)]
+    assert [opcode for opcode, _ in got] == [0x1] * len(frames) + [0x9]
+    assert all(payload == bytes([65 + n % 26]) * 60_000 for n, (_, payload) in enumerate(got[:-1]))
+    assert isinstance(socket.ws_connection, WebSocketProtocol13)
+    client.writer.close()
