@@ -334,9 +334,11 @@ class Eddy:
         draft = EventDraft(tenant=tenant, channel=channel, event=event, data=data, idempotency_key=key,
                            ephemeral=not self.keeps_history(channel))
         try:
-            return await self.storage.schedule(draft, deliver_at)
+            scheduled = await self.storage.schedule(draft, deliver_at)
         except RecordRefused as exc:
             raise InvalidInput(str(exc)) from None
+        self.scheduler.expect(scheduled.deliver_at)
+        return scheduled
 
     async def scheduled(self, identity: Identity, channel: str | None = None, *, cursor: str | None = None,
                         limit: int = 100) -> ScheduledPage:

@@ -107,7 +107,8 @@ class Settings:
     )
     presence_ttl: float = setting(30.0, "Seconds a presence entry lives unless its process refreshes it (a third of it).")
     typing_timeout: float = setting(6.0, "Seconds after which a typing indicator without refresh is cleared.")
-    schedule_interval: float = setting(0.25, "Seconds between checks for due scheduled events.")
+    schedule_interval: float = setting(1.0, "Seconds between checks for due scheduled events that this process "
+                                       "did not schedule (its own are published at their time).")
     schedule_lease: float = setting(
         30.0, "Seconds a process holds the events it claimed; after that (it died) another process publishes them."
     )

@@ -1,7 +1,11 @@
 """Scheduled events: published when due, exactly once across every Eddy process on the store.
 
-Each process polls the store for due events and *claims* a batch atomically
+Each process checks the store for due events and *claims* a batch atomically
 for a lease (a conditional update in the store, not a process-local timer).
+A process checks at the time of every event scheduled through it
+(:meth:`Scheduler.expect`), and otherwise every ``interval`` seconds, for the
+events it cannot know the time of: another process's whose claimer died, or
+those scheduled before it started.
 It publishes each through the ordinary append with the idempotency key
 ``scheduled:<id>`` (:func:`storage.publication_key`), then forgets the
 schedule; the listing stops showing an event as soon as its publication
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import logging
+import math
 import os
 import time
 import uuid
@@ -35,6 +41,8 @@ log = logging.getLogger("eddy.scheduler")
 
 #: Seconds after its time a scheduled event counts as late.
 LATE_AFTER = 1.0
+#: Due times a scheduler keeps for :meth:`Scheduler.expect`; past that, later events wait for the poll.
+MAX_EXPECTED = 100_000
 #: The furthest from now (ahead, or behind for a time already past) an event may be scheduled, in seconds.
 MAX_DELAY = 366 * 24 * 3600
 
@@ -47,7 +55,10 @@ def deliver_at_problem(deliver_at: float, now: float) -> str | None:
 
 
 class Scheduler:
-    def __init__(self, storage: Storage, *, interval: float = 0.25, lease: float = 30.0, batch: int = 100) -> None:
+    """Publishes due scheduled events: at the time of each one scheduled through this process, and every
+    ``interval`` seconds for the others (see the module's docstring)."""
+
+    def __init__(self, storage: Storage, *, interval: float = 1.0, lease: float = 30.0, batch: int = 100) -> None:
         self.storage = storage
         self.interval = interval
         self.lease = lease
@@ -55,8 +66,16 @@ class Scheduler:
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.published = 0
         self._task: asyncio.Task[None] | None = None
+        #: Due times (wall clock) of events scheduled through this process that no check has passed yet, earliest
+        #: first.
+        self._expected: list[float] = []
+        #: Set to end the sleep early: an expected event is due before the sleep ends.
+        self._wake = asyncio.Event()
+        #: When the current sleep ends (wall clock); -inf while checking.
+        self._sleeping_until = -math.inf
 
     def start(self) -> None:
+        self._wake = asyncio.Event()  # of this loop (an application may be served again on another)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="eddy-scheduler")
 
     @property
@@ -69,6 +88,14 @@ class Scheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+    def expect(self, deliver_at: float) -> None:
+        """Check for due events at ``deliver_at`` (an event just scheduled through this process), not at the poll."""
+        if len(self._expected) >= MAX_EXPECTED:  # bounded: the poll finds the rest, up to ``interval`` late
+            return
+        heapq.heappush(self._expected, deliver_at)
+        if deliver_at < self._sleeping_until:
+            self._wake.set()
 
     async def publish_due(self) -> int:
         """Claim and publish one batch of due events; returns how many were claimed.
@@ -122,10 +149,16 @@ class Scheduler:
         backoff = self.interval
         while True:
             try:
+                checked_at = time.time()
                 count = await self.publish_due()
                 backoff = self.interval
+                expected = self._expected
+                while expected and expected[0] <= checked_at:  # this check has published them (or another process)
+                    heapq.heappop(expected)
                 if count == self.batch:
                     continue  # more are due: no sleep
+                await self._sleep(checked_at + self.interval)
+                continue
             except StorageError as exc:
                 log.warning("scheduler: storage unavailable (%s); retrying in %.1fs", exc, backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -133,3 +166,21 @@ class Scheduler:
                 log.exception("scheduler: unexpected error; retrying in %.1fs", backoff)
                 backoff = min(backoff * 2, 5.0)
             await asyncio.sleep(backoff)
+
+    async def _sleep(self, poll_at: float) -> None:
+        """Sleep until ``poll_at`` or the earliest expected event, whichever comes first (wall clock)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            wake_at = min(poll_at, self._expected[0]) if self._expected else poll_at
+            delay = wake_at - time.time()
+            if delay <= 0:
+                return
+            self._wake.clear()
+            self._sleeping_until = wake_at
+            # A timer rather than asyncio.wait_for, which on Python 3.11 can swallow a cancellation.
+            timer = loop.call_later(delay, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
+                self._sleeping_until = -math.inf

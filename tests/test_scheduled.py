@@ -44,6 +44,31 @@ async def test_delayed_event_is_published_when_due(http_server, http_port):
     client.close()
 
 
+@pytest.mark.gen_test(timeout=15)
+@pytest.mark.settings(schedule_interval=60)
+async def test_an_event_scheduled_through_this_process_is_published_at_its_time_not_at_the_poll(
+        http_server, http_port, eddy):
+    """The poll is a minute away; two events scheduled through this process go out at their own times, in order
+    (the later one first in the heap: scheduled first)."""
+    token = make_token("backend", tenant="parking")
+    client = await Client.connect(http_port, "/ws/tickets/stream", token)
+    await client.recv()
+    await asyncio.sleep(0.3)  # the scheduler's first check is behind it: it sleeps until the poll
+    late = json_of(await schedule(http_port, token, 2, delay_s=1.2))["scheduled"]
+    soon = json_of(await schedule(http_port, token, 1, delay_s=0.6))["scheduled"]
+    for item in (soon, late):
+        frame = await client.recv_type("event", timeout=3)
+        assert frame["data"] == item["data"]
+        lateness = parse(frame["timestamp"]) - parse(item["deliver_at"])
+        assert -0.001 <= lateness < 0.5, lateness
+    for _ in range(50):  # the check pops them once its batch is complete, just after the frame left
+        if not eddy.scheduler._expected:
+            break
+        await asyncio.sleep(0.02)
+    assert eddy.scheduler._expected == []  # every expectation passed by a check, none kept
+    client.close()
+
+
 @pytest.mark.gen_test
 @pytest.mark.settings(schedule_interval=0.05)
 async def test_cancelled_before_due_is_never_published(http_server, http_port):
