@@ -157,7 +157,7 @@ class Scheduler:
                     heapq.heappop(expected)
                 if count == self.batch:
                     continue  # more are due: no sleep
-                await self._sleep(checked_at + self.interval)
+                await self._sleep()
                 continue
             except StorageError as exc:
                 log.warning("scheduler: storage unavailable (%s); retrying in %.1fs", exc, backoff)
@@ -167,16 +167,21 @@ class Scheduler:
                 backoff = min(backoff * 2, 5.0)
             await asyncio.sleep(backoff)
 
-    async def _sleep(self, poll_at: float) -> None:
-        """Sleep until ``poll_at`` or the earliest expected event, whichever comes first (wall clock)."""
+    async def _sleep(self) -> None:
+        """Sleep ``interval`` seconds, or until the earliest expected event is due if that comes first.
+
+        The poll is timed by the loop's monotonic clock (a wall clock set back must not delay it); due times are
+        wall-clock times, and an expected one is due when ``time.time()`` reaches it."""
         loop = asyncio.get_running_loop()
+        poll_at = loop.time() + self.interval
         while True:
-            wake_at = min(poll_at, self._expected[0]) if self._expected else poll_at
-            delay = wake_at - time.time()
+            delay = poll_at - loop.time()
+            if self._expected:
+                delay = min(delay, self._expected[0] - time.time())
             if delay <= 0:
                 return
             self._wake.clear()
-            self._sleeping_until = wake_at
+            self._sleeping_until = time.time() + delay
             # A timer rather than asyncio.wait_for, which on Python 3.11 can swallow a cancellation.
             timer = loop.call_later(delay, self._wake.set)
             try:

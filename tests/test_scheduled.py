@@ -69,6 +69,28 @@ async def test_an_event_scheduled_through_this_process_is_published_at_its_time_
     client.close()
 
 
+@pytest.mark.gen_test(timeout=10)
+async def test_the_poll_keeps_its_pace_when_the_wall_clock_is_set_back(monkeypatch):
+    """Due times are wall-clock times, the poll's pace is not: a clock set back an hour must not stop the checks."""
+    from service import scheduler as module
+
+    checks = []
+
+    class Store:
+        async def claim_due(self, owner, now, lease, limit):
+            checks.append(now)
+            return []
+
+    scheduler = module.Scheduler(Store(), interval=0.1)
+    scheduler.start()
+    await asyncio.sleep(0.05)  # the first check, then a sleep
+    wall = time.time
+    monkeypatch.setattr(module.time, "time", lambda: wall() - 3600)
+    await asyncio.sleep(0.55)
+    await scheduler.stop()
+    assert len(checks) >= 4, checks
+
+
 @pytest.mark.gen_test
 @pytest.mark.settings(schedule_interval=0.05)
 async def test_cancelled_before_due_is_never_published(http_server, http_port):
