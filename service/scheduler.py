@@ -28,7 +28,6 @@ import asyncio
 import dataclasses
 import heapq
 import logging
-import math
 import os
 import time
 import uuid
@@ -69,10 +68,8 @@ class Scheduler:
         #: Due times (wall clock) of events scheduled through this process that no check has passed yet, earliest
         #: first.
         self._expected: list[float] = []
-        #: Set to end the sleep early: an expected event is due before the sleep ends.
+        #: Set to end the sleep early: an event expected earlier than any before it.
         self._wake = asyncio.Event()
-        #: When the current sleep ends (wall clock); -inf while checking.
-        self._sleeping_until = -math.inf
 
     def start(self) -> None:
         self._wake = asyncio.Event()  # of this loop (an application may be served again on another)
@@ -94,7 +91,7 @@ class Scheduler:
         if len(self._expected) >= MAX_EXPECTED:  # bounded: the poll finds the rest, up to ``interval`` late
             return
         heapq.heappush(self._expected, deliver_at)
-        if deliver_at < self._sleeping_until:
+        if self._expected[0] == deliver_at:  # the earliest now: a sleep in progress must end sooner
             self._wake.set()
 
     async def publish_due(self) -> int:
@@ -148,24 +145,23 @@ class Scheduler:
     async def _run(self) -> None:
         backoff = self.interval
         while True:
+            checked_at = time.time()
             try:
-                checked_at = time.time()
                 count = await self.publish_due()
-                backoff = self.interval
-                expected = self._expected
-                while expected and expected[0] <= checked_at:  # this check has published them (or another process)
-                    heapq.heappop(expected)
-                if count == self.batch:
-                    continue  # more are due: no sleep
-                await self._sleep()
+            except Exception as exc:  # a bug must not stop scheduled delivery for every tenant
+                if isinstance(exc, StorageError):
+                    log.warning("scheduler: storage unavailable (%s); retrying in %.1fs", exc, backoff)
+                else:
+                    log.exception("scheduler: unexpected error; retrying in %.1fs", backoff)
+                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff)
                 continue
-            except StorageError as exc:
-                log.warning("scheduler: storage unavailable (%s); retrying in %.1fs", exc, backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:  # a bug must not stop scheduled delivery for every tenant
-                log.exception("scheduler: unexpected error; retrying in %.1fs", backoff)
-                backoff = min(backoff * 2, 5.0)
-            await asyncio.sleep(backoff)
+            backoff = self.interval
+            expected = self._expected
+            while expected and expected[0] <= checked_at:  # this check has published them (or another process)
+                heapq.heappop(expected)
+            if count < self.batch:  # a full batch: more are due, no sleep
+                await self._sleep()
 
     async def _sleep(self) -> None:
         """Sleep ``interval`` seconds, or until the earliest expected event is due if that comes first.
@@ -181,11 +177,9 @@ class Scheduler:
             if delay <= 0:
                 return
             self._wake.clear()
-            self._sleeping_until = time.time() + delay
             # A timer rather than asyncio.wait_for, which on Python 3.11 can swallow a cancellation.
             timer = loop.call_later(delay, self._wake.set)
             try:
                 await self._wake.wait()
             finally:
                 timer.cancel()
-                self._sleeping_until = -math.inf
