@@ -138,6 +138,7 @@ class Eddy:
                 "Set EDDY_JWT_SECRET in production.",
                 self.dev_secret_file,
             )
+        metrics.time_gc_pauses()
         await self.storage.open()
         self.epoch = await self.storage.epoch()
         if self.collection_mappings:

@@ -10,7 +10,9 @@ channels or users: cardinality stays fixed and nothing confidential is exposed.
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from typing import Any
 
 from prometheus_client import (
@@ -44,6 +46,42 @@ SLOW_CONSUMERS = Counter("eddy_slow_consumer_disconnects_total", "Sockets closed
 AUTH_FAILURES = Counter("eddy_auth_failures_total", "Refused tokens, by code.", ["reason"])
 RATE_LIMITED = Counter("eddy_rate_limited_total", "Frames or requests refused by a rate limit.", ["kind"])
 FRAME_ERRORS = Counter("eddy_frame_errors_total", "Client frames answered with an error, by code.", ["code"])
+GC_PAUSES = Histogram("eddy_gc_pause_seconds",
+                      "How long the cyclic garbage collector stopped the process (no socket is served meanwhile), "
+                      "by generation.", ["generation"], buckets=LATENCY_BUCKETS)
+
+
+class _GCPauses:
+    """Times each collection of Python's cyclic garbage collector into :data:`GC_PAUSES` (a ``gc.callbacks`` hook).
+
+    A collection of the oldest generation walks every object the process keeps, a few dozen per open socket, and
+    nothing else runs meanwhile: with 10,000 sockets it takes ~0.5 s on the benchmark box, and it comes each time
+    that generation has grown by a quarter (sockets connecting, or a burst's queued frames outliving two younger
+    collections). A latency spike that this histogram's generation "2" explains is the collector's, not the
+    network's. The hook costs two calls per collection.
+    """
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        # The children are made here, in the serving process (after a fork, under a multiprocess directory).
+        self._by_generation = [GC_PAUSES.labels(str(generation)) for generation in range(3)]
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._by_generation[info["generation"]].observe(time.perf_counter() - self._started)
+
+
+_gc_pauses: _GCPauses | None = None
+
+
+def time_gc_pauses() -> None:
+    """Observe every garbage collection of this process in ``eddy_gc_pause_seconds`` from now on (once per process)."""
+    global _gc_pauses
+    if _gc_pauses is None:
+        _gc_pauses = _GCPauses()
+        gc.callbacks.append(_gc_pauses)
 
 
 def histogram_counts(histogram: Histogram) -> dict[str, Any]:

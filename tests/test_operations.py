@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,20 @@ async def test_metrics_count_what_happened(http_server, http_port):
     assert after[("eddy_watcher_lag_seconds", ())] >= 0
     for client in subscribers:
         client.close()
+
+
+@pytest.mark.gen_test
+async def test_metrics_time_the_garbage_collectors_pauses(http_server, http_port):
+    before = await scrape(http_port)
+    garbage = [[] for _ in range(50_000)]
+    for a, b in zip(garbage, garbage[1:], strict=False):  # cycles the full collection must find and free
+        a.append(b)
+        b.append(a)
+    del garbage, a, b
+    gc.collect()  # the server runs in this process: a full collection stops it too
+    after = await scrape(http_port)
+    assert delta(before, after, "eddy_gc_pause_seconds_count", generation="2") >= 1
+    assert delta(before, after, "eddy_gc_pause_seconds_sum", generation="2") > 0.001  # 50,000 lists take > 1 ms
 
 
 @pytest.mark.gen_test
