@@ -50,7 +50,7 @@ experiments ``eddy-uvloop``, ``eddy-nogc``, ``eddy-nosched`` and ``eddy-mem``: E
 uvloop, with the cyclic GC disabled, with the scheduled-event check hourly, or on the in-memory store; and
 ``eddy-normal``: Eddy with SQLite ``synchronous=normal`` (no fsync per commit); and ``eddy-base``: Eddy from the
 source tree in ``$BENCH_BASE_TREE`` (before/after a change in one run); and ``eddy-p2``: Eddy with
-``--processes 2``. ``--profile-phases solo`` profiles only the solo phase (where a lone event's time goes).
+``--processes 2``; and ``floor-ack``: the floor answering its publisher before each loop, as Eddy's ``201`` does. ``--profile-phases solo`` profiles only the solo phase (where a lone event's time goes).
 ``BENCH_CLIENTS_BATCH=1`` runs the client side as ``SCHED_BATCH`` tasks (an experiment: see :data:`CLIENTS_BATCH`).
 
 Any server name may carry a CPU placement (``loadtests/placement.py``): ``eddy@0/1`` runs the server and every
@@ -97,6 +97,8 @@ EVENT = "pedido_criado"
 ALL_SERVERS = ("eddy", "eddy-socketio", "seed003", "socketio", "websockets", "floor")
 #: The server every other one is measured against: one bare ``os.write()`` per socket per event.
 FLOOR = "floor"
+#: The floor answering its publisher before each event's loop, as an HTTP server's 201 does (an experiment).
+FLOOR_ACK = "floor-ack"
 #: Eddy's Socket.IO dialect for the benchmark: every socket in the room "bench"; each emit carries the peer's
 #: {event, timestamp, data} envelope (the namespace's event_data template), so both are measured alike.
 SOCKETIO_CONFIG = """
@@ -589,6 +591,8 @@ class ServerSpec:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ, PYTHONPATH=str(self.tree), PYTHONUNBUFFERED="1")
+        if self.name == FLOOR_ACK:
+            env["FLOOR_ACK"] = "1"
         if self.name.startswith("eddy"):
             env.update(EDDY_JWT_SECRET=SECRET, EDDY_LOG_LEVEL="warning",
                        # thousands of sockets from one address (the load generator), and publish bursts
@@ -634,6 +638,8 @@ SPECS = {
                              "websockets.broadcast (uvloop)"),
     FLOOR: ServerSpec(FLOOR, "loadtests.peers.floor", "json", "ws", "/publish",
                       "the floor: one prepared frame, one bare os.write() per socket"),
+    FLOOR_ACK: ServerSpec(FLOOR_ACK, "loadtests.peers.floor", "json", "ws", "/publish",
+                          "experiment: the floor answering its publisher before each loop (as a 201)"),
 }
 
 

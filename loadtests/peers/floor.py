@@ -11,6 +11,10 @@ so ``loadtests.bench`` reports every server as a ratio to it.
 * ``ws://host:port/publish`` — a publisher socket: each text frame
   ``{"event": …, "data": …}`` is stamped with the server time, framed once, written.
 
+With ``FLOOR_ACK=1`` in its environment (the bench's ``floor-ack``) it first answers the publisher with a
+one-word frame, as an HTTP server's ``201`` answers a POST before its fan-out: on a box where the publisher
+shares the server's cores, that wakes the publisher during the loop. An experiment, not the floor.
+
     python -m loadtests.peers.floor --port 8004
 """
 
@@ -25,6 +29,8 @@ from loadtests.peers.websockets_peer import connected, main, stamped
 
 #: The file descriptors of the subscribers' sockets.
 SOCKETS: set[int] = set()
+#: Answer the publisher before each event's loop (see the module's docstring).
+ACK = bool(os.environ.get("FLOOR_ACK"))
 
 
 async def handler(websocket: ServerConnection) -> None:
@@ -32,6 +38,8 @@ async def handler(websocket: ServerConnection) -> None:
     if websocket.request.path == "/publish":
         async for raw in websocket:
             frame = Frame(Opcode.TEXT, stamped(raw).encode()).serialize(mask=False)
+            if ACK:
+                await websocket.send("ok")
             for fd in SOCKETS:
                 try:
                     os.write(fd, frame)
