@@ -50,7 +50,8 @@ experiments ``eddy-uvloop``, ``eddy-nogc``, ``eddy-nosched`` and ``eddy-mem``: E
 uvloop, with the cyclic GC disabled, with the scheduled-event check hourly, or on the in-memory store; and
 ``eddy-normal``: Eddy with SQLite ``synchronous=normal`` (no fsync per commit); and ``eddy-base``: Eddy from the
 source tree in ``$BENCH_BASE_TREE`` (before/after a change in one run); and ``eddy-p2``: Eddy with
-``--processes 2``; and ``floor-ack``: the floor answering its publisher before each loop, as Eddy's ``201`` does. ``--profile-phases solo`` profiles only the solo phase (where a lone event's time goes).
+``--processes 2``; and ``floor-ack``: the floor answering its publisher before each loop, as Eddy's ``201``
+does. ``--profile-phases solo`` profiles only the solo phase (where a lone event's time goes).
 ``BENCH_CLIENTS_BATCH=1`` runs the client side as ``SCHED_BATCH`` tasks (an experiment: see :data:`CLIENTS_BATCH`).
 
 Any server name may carry a CPU placement (``loadtests/placement.py``): ``eddy@0/1`` runs the server and every
