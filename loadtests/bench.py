@@ -563,6 +563,8 @@ class ServerSpec:
     publish: str               # "http" or "ws"
     publish_path: str
     label: str
+    #: Variables the server's environment gets beside the harness's own (an experiment's switch).
+    environment: dict[str, str] = field(default_factory=dict)
 
     @property
     def processes(self) -> int:
@@ -591,9 +593,7 @@ class ServerSpec:
         return base_tree() if self.name == "eddy-base" else ROOT
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ, PYTHONPATH=str(self.tree), PYTHONUNBUFFERED="1")
-        if self.name == FLOOR_ACK:
-            env["FLOOR_ACK"] = "1"
+        env = dict(os.environ, PYTHONPATH=str(self.tree), PYTHONUNBUFFERED="1", **self.environment)
         if self.name.startswith("eddy"):
             env.update(EDDY_JWT_SECRET=SECRET, EDDY_LOG_LEVEL="warning",
                        # thousands of sockets from one address (the load generator), and publish bursts
@@ -640,7 +640,8 @@ SPECS = {
     FLOOR: ServerSpec(FLOOR, "loadtests.peers.floor", "json", "ws", "/publish",
                       "the floor: one prepared frame, one bare os.write() per socket"),
     FLOOR_ACK: ServerSpec(FLOOR_ACK, "loadtests.peers.floor", "json", "ws", "/publish",
-                          "experiment: the floor answering its publisher before each loop (as a 201)"),
+                          "experiment: the floor answering its publisher before each loop (as a 201)",
+                          environment={"FLOOR_ACK": "1"}),
 }
 
 

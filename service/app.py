@@ -131,7 +131,8 @@ class Eddy:
     # Lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open storage and start following its feed from the current end."""
+        """Open storage and start following its feed from the current end (and time this process's garbage
+        collections, :func:`metrics.time_gc_pauses`)."""
         if self.dev_secret_file is not None:
             log.warning(
                 "DEVELOPMENT SECRET IN USE: no EDDY_JWT_SECRET set, tokens are signed with the secret in %s. "

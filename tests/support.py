@@ -139,6 +139,12 @@ async def publish(port: int, channel: str, event: str = "ticket.created", data: 
     return json_of(response)
 
 
+def only_session(eddy: Any) -> Any:
+    """The one session connected to ``eddy`` (a test's only client); its ``transport`` is the server's handler."""
+    (session,) = tuple(eddy.hub._connections)
+    return session
+
+
 class RawSocket:
     """A WebSocket client that answers a server ping only when told to, and notes when each one came."""
 

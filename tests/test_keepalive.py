@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from handlers import keepalive
-from tests.support import RawSocket
+from tests.support import RawSocket, only_session
 
 INTERVAL = 1.0
 #: How late a ping may arrive (the event loop's own lateness on a busy box); the first sweep was 0.13 s late.
@@ -68,11 +68,6 @@ async def test_closed_sockets_leave_the_sweep(http_server, http_port, app):
     assert len(sweep) == 0
 
 
-def server_socket(eddy):
-    (session,) = tuple(eddy.hub._connections)
-    return session.transport
-
-
 @pytest.mark.gen_test(timeout=15)
 @pytest.mark.settings(ping_interval=0.5, ping_timeout=0.5)
 async def test_a_ping_on_an_idle_stream_is_one_send_through_the_lane(http_server, http_port, eddy, monkeypatch):
@@ -83,7 +78,7 @@ async def test_a_ping_on_an_idle_stream_is_one_send_through_the_lane(http_server
     original = IOStream.write
     monkeypatch.setattr(IOStream, "write", lambda self, data: writes.append(bytes(data)) or original(self, data))
     client = await RawSocket.connect(http_port, "idle")
-    socket = server_socket(eddy)
+    socket = only_session(eddy).transport
     assert await client.run(answer=2, until=asyncio.get_running_loop().time() + 1.3) is None
     assert len(client.pings) == 2, client.pings
     assert keepalive.PING_FRAME not in writes
@@ -102,7 +97,7 @@ async def test_a_ping_waits_behind_bytes_queued_on_the_stream(http_server, http_
 
     client = await RawSocket.connect(http_port, "queued")
     assert (await client.frame())[0] == 0x1  # connected
-    socket = server_socket(eddy)
+    socket = only_session(eddy).transport
     stream = socket.ws_connection.stream
     frames = [websocket_text_frame(bytes([65 + n % 26]) * 60_000) for n in range(200)]  # 12 MB, unread for now
     for frame in frames:

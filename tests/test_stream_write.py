@@ -10,12 +10,11 @@ from tornado.iostream import IOStream
 from handlers import stream_write
 from handlers.websocket import EventSocket
 from service.frames import PreparedMessage
-from tests.support import Client, RawSocket, make_token
+from tests.support import Client, RawSocket, make_token, only_session
 
 
 def server_stream(eddy) -> IOStream:
-    (session,) = tuple(eddy.hub._connections)
-    return session.transport.ws_connection.stream
+    return only_session(eddy).transport.ws_connection.stream
 
 
 @pytest.mark.gen_test
@@ -55,7 +54,7 @@ async def test_without_the_private_attribute_writes_fall_back_to_iostream_write(
 async def test_tornado_still_has_what_a_lane_needs(http_server, http_port, eddy):
     client = await Client.connect(http_port, "/ws/room/stream", make_token())
     await client.recv()
-    (session,) = tuple(eddy.hub._connections)
+    session = only_session(eddy)
     assert stream_write.has_lane(server_stream(eddy)), (
         "Tornado's IOStream no longer has _total_write_index/_total_write_done_index: lone events now take the "
         "transport's slower path; update handlers/stream_write.py for this Tornado release")
@@ -95,7 +94,7 @@ async def test_lone_events_to_a_client_that_stops_reading_arrive_whole_and_in_or
     async with websockets.connect(f"ws://127.0.0.1:{http_port}/ws/room/stream?access_token={make_token()}") as ws:
         assert "permessage-deflate" in ws.response.headers["Sec-WebSocket-Extensions"]
         await ws.recv()  # connected
-        (session,) = tuple(eddy.hub._connections)
+        session = only_session(eddy)
         stream = session.transport.ws_connection.stream
         sent = []
         # Lone events (each fanned out before the next is stored) of 48 KiB that do not compress away,
@@ -121,7 +120,7 @@ async def test_a_lane_sends_nothing_after_the_close_frame(http_server, http_port
     import asyncio
 
     client = await RawSocket.connect(http_port, "alice", "/ws/room/stream")
-    (session,) = tuple(eddy.hub._connections)
+    session = only_session(eddy)
     lane = session.transport.lane
     stored = await eddy.append("acme", "room", "before", {})
     await eddy.watcher.passed(stored.position, timeout=5)
