@@ -52,7 +52,9 @@ uvloop, with the cyclic GC disabled, with the scheduled-event check hourly, or o
 source tree in ``$BENCH_BASE_TREE`` (before/after a change in one run); and ``eddy-p2``: Eddy with
 ``--processes 2``; and ``floor-ack``: the floor answering its publisher before each loop, as Eddy's ``201``
 does. ``--profile-phases solo`` profiles only the solo phase (where a lone event's time goes).
-``BENCH_CLIENTS_BATCH=1`` runs the client side as ``SCHED_BATCH`` tasks (an experiment: see :data:`CLIENTS_BATCH`).
+The client side (the harness and the load generators) runs as ``SCHED_BATCH`` tasks, so that a woken client never
+preempts the server it measures, as clients on other machines cannot (see :data:`CLIENTS_BATCH`);
+``BENCH_CLIENTS_BATCH=0`` runs it as ordinary tasks, as the runs before this default did (the server always is one).
 
 Any server name may carry a CPU placement (``loadtests/placement.py``): ``eddy@0/1`` runs the server and every
 process it forks on CPU 0, and the load generators and the harness on CPU 1; without ``@`` nothing is pinned.
@@ -812,8 +814,10 @@ class ServerProcess:
         raise TimeoutError(f"{self.spec.name} did not start: {self.log_tail()}")
 
     def _before_exec(self) -> None:
-        """In the server's child, before exec: die with the harness; run (and fork) on the placement's CPUs."""
+        """In the server's child, before exec: die with the harness; run (and fork) on the placement's CPUs, as an
+        ordinary task (not the harness's ``SCHED_BATCH``, which a child inherits)."""
         die_with_parent()
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         pin_before_exec(self.placement.server)
 
     async def _wait_for_workers(self, deadline: float) -> None:
@@ -1012,7 +1016,7 @@ async def one_run(ctx: Context, label: str, config: RunConfig, repeat: int) -> d
         harness_cpus = format_cpus(frozenset(pin_this_process(placement.clients)))
         if CLIENTS_BATCH:
             batch_scheduling([os.getpid(), *(g.process.pid for g in generators)])
-            result["clients_batch"] = True
+        result["clients_batch"] = CLIENTS_BATCH
         pins = await asyncio.gather(*(g.call("pin", cpus=placement.clients) for g in generators))
         result["affinity"] = {"harness": harness_cpus, "load_generators": [pin["cpus"] for pin in pins]}
         await server.start()
@@ -1039,6 +1043,7 @@ async def one_run(ctx: Context, label: str, config: RunConfig, repeat: int) -> d
             raise RuntimeError(f"only {connected} of {n} sockets connected: {result['connect_errors'][:3]}")
         assert server.popen is not None
         result["affinity"]["server"] = observed(server.popen.pid)  # every process of the tree, now all started
+        result["server_policy"] = policy_name(os.sched_getscheduler(server.popen.pid))
         result["sockets_per_process"] = server.sockets_per_process()  # before the publisher's connections
         publisher = Publisher(spec, port)
         await publisher.start()
@@ -1205,10 +1210,12 @@ def summarize_run(result: dict[str, Any], reports: list[dict[str, Any]], starts:
 
 #: Extra py-spy flags (``BENCH_PY_SPY_FLAGS="--native"``, say).
 PY_SPY_EXTRA = os.environ.get("BENCH_PY_SPY_FLAGS", "").split()
-#: ``BENCH_CLIENTS_BATCH=1``: the harness and the load generators run as ``SCHED_BATCH`` tasks, which the kernel never
-#: lets preempt a running task when they wake. On loopback a receiver is woken inside the server's ``send()`` and often
-#: placed on the server's own core, where it preempts it; clients on other machines cannot. An experiment.
-CLIENTS_BATCH = bool(os.environ.get("BENCH_CLIENTS_BATCH"))
+#: The harness and the load generators run as ``SCHED_BATCH`` tasks (``BENCH_CLIENTS_BATCH=0``: as ordinary ones).
+#: On loopback a receiver's TCP work runs inside the server's ``send()``, which wakes the receiver; the kernel often
+#: places it on the server's own core, and an ordinary task woken there preempts the server, hundreds of times in one
+#: event's loop. Clients on other machines cannot. A batch task is never woken into preempting a running task, and
+#: still gets its fair share of the CPU, so the clients' work is the same and every server is measured the same way.
+CLIENTS_BATCH = os.environ.get("BENCH_CLIENTS_BATCH", "1") != "0"
 
 
 def batch_scheduling(pids: list[int]) -> None:
@@ -1402,7 +1409,20 @@ def repeats_table(runs: list[dict[str, Any]], servers: list[str]) -> str:
             " / ".join(sockets_split(r) for r in by_server[s]) for s in shown) + " |")
         out.append("| CPUs observed: server processes / load generators, harness | " + " | ".join(
             affinity_summary(by_server[s]) for s in shown) + " |")
+        out.append("| scheduled as: load generators and harness / server | " + " | ".join(
+            " / ".join(sorted({client_policy(r) for r in by_server[s]})) for s in shown) + " |")
     return "\n".join(out)
+
+
+def client_policy(run: dict[str, Any]) -> str:
+    """How the harness and the load generators, then the server, were scheduled in ``run`` (:data:`CLIENTS_BATCH`)."""
+    return f"{'SCHED_BATCH' if run.get('clients_batch') else 'SCHED_OTHER'} / {run.get('server_policy', '–')}"
+
+
+def policy_name(policy: int) -> str:
+    """``SCHED_OTHER``, ``SCHED_BATCH``…: the name of a scheduling policy number."""
+    names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")}
+    return names.get(policy, str(policy))
 
 
 def sockets_split(run: dict[str, Any]) -> str:
