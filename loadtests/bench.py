@@ -1019,6 +1019,8 @@ async def one_run(ctx: Context, label: str, config: RunConfig, repeat: int) -> d
         result["clients_batch"] = CLIENTS_BATCH
         pins = await asyncio.gather(*(g.call("pin", cpus=placement.clients) for g in generators))
         result["affinity"] = {"harness": harness_cpus, "load_generators": [pin["cpus"] for pin in pins]}
+        result["policies"] = {"harness": policy_of(os.getpid()),
+                              "load_generators": [policy_of(g.process.pid) for g in generators]}
         await server.start()
         await asyncio.sleep(config.settle / 2)
         result["rss_idle"] = server.rss()
@@ -1043,7 +1045,7 @@ async def one_run(ctx: Context, label: str, config: RunConfig, repeat: int) -> d
             raise RuntimeError(f"only {connected} of {n} sockets connected: {result['connect_errors'][:3]}")
         assert server.popen is not None
         result["affinity"]["server"] = observed(server.popen.pid)  # every process of the tree, now all started
-        result["server_policy"] = policy_name(os.sched_getscheduler(server.popen.pid))
+        result["policies"]["server"] = tree_policies(server.popen.pid)
         result["sockets_per_process"] = server.sockets_per_process()  # before the publisher's connections
         publisher = Publisher(spec, port)
         await publisher.start()
@@ -1409,20 +1411,41 @@ def repeats_table(runs: list[dict[str, Any]], servers: list[str]) -> str:
             " / ".join(sockets_split(r) for r in by_server[s]) for s in shown) + " |")
         out.append("| CPUs observed: server processes / load generators, harness | " + " | ".join(
             affinity_summary(by_server[s]) for s in shown) + " |")
-        out.append("| scheduled as: load generators and harness / server | " + " | ".join(
-            " / ".join(sorted({client_policy(r) for r in by_server[s]})) for s in shown) + " |")
+        out.append("| scheduled as: load generators and harness / server processes | " + " | ".join(
+            policies_summary(by_server[s]) for s in shown) + " |")
     return "\n".join(out)
 
 
-def client_policy(run: dict[str, Any]) -> str:
-    """How the harness and the load generators, then the server, were scheduled in ``run`` (:data:`CLIENTS_BATCH`)."""
-    return f"{'SCHED_BATCH' if run.get('clients_batch') else 'SCHED_OTHER'} / {run.get('server_policy', '–')}"
+def policies_summary(runs: list[dict[str, Any]]) -> str:
+    """``SCHED_BATCH / SCHED_OTHER``: the policies the kernel reported for the client side, then the server's
+    processes, over ``runs`` (see :data:`CLIENTS_BATCH`)."""
+    clients, servers = set(), set()
+    for run in runs:
+        policies = run.get("policies") or {}
+        clients.update([policies.get("harness", "–"), *policies.get("load_generators", [])])
+        servers.update((policies.get("server") or {"": "–"}).values())
+    return f"{'+'.join(sorted(clients))} / {'+'.join(sorted(servers))}"
 
 
-def policy_name(policy: int) -> str:
-    """``SCHED_OTHER``, ``SCHED_BATCH``…: the name of a scheduling policy number."""
+def policy_of(pid: int) -> str:
+    """``SCHED_OTHER``, ``SCHED_BATCH``…: the scheduling policy of process ``pid`` (its main thread), by name."""
     names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")}
+    policy = os.sched_getscheduler(pid)
     return names.get(policy, str(policy))
+
+
+def tree_policies(pid: int) -> dict[str, str]:
+    """The scheduling policy of each process of a tree: ``{pid: "SCHED_OTHER"}``."""
+    import psutil
+
+    root = psutil.Process(pid)
+    tree = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            tree[str(process.pid)] = policy_of(process.pid)
+        except (OSError, psutil.Error):  # it ended meanwhile
+            pass
+    return tree
 
 
 def sockets_split(run: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ def run_smoke(out: Path, *args: str) -> str:
     pytest.importorskip("psutil")
     process = subprocess.Popen(
         [sys.executable, "-m", "loadtests.bench", "--smoke", "--out", str(out), *args],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=ROOT, env={**{k: v for k, v in os.environ.items() if k != "BENCH_CLIENTS_BATCH"}, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -83,3 +83,10 @@ def test_bench_pins_the_server_tree_and_the_load_generators(tmp_path: Path) -> N
     assert unpinned["ok"] and unpinned["affinity"]["load_generators"] == [everywhere] * 2, unpinned["affinity"]
     assert list(unpinned["affinity"]["server"].values()) == [everywhere]
     assert f"eddy-p2@{server_cpu}/{client_cpu}" in output and "sockets each" in output
+    # The client side runs as batch tasks (a woken client never preempts the server); every server process is an
+    # ordinary task all the same, though a child inherits its parent's policy.
+    for run in (pinned, unpinned):
+        assert run["policies"]["harness"] == "SCHED_BATCH" and run["policies"]["load_generators"] == ["SCHED_BATCH"] * 2
+    assert list(pinned["policies"]["server"].values()) == ["SCHED_OTHER"] * 3, pinned["policies"]
+    assert list(unpinned["policies"]["server"].values()) == ["SCHED_OTHER"], unpinned["policies"]
+    assert "SCHED_BATCH / SCHED_OTHER" in output
