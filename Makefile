@@ -39,7 +39,7 @@ test: lint $(NODE_WS) $(NODE_SOCKETIO)
 
 # Type check and lint (settings in pyproject.toml); part of every `make test`.
 lint: $(TEST_STAMP)
-	$(VENV)/bin/ruff check service handlers storage
+	$(VENV)/bin/ruff check service handlers storage tests loadtests
 	$(VENV)/bin/mypy
 
 bench: $(TEST_STAMP)

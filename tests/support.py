@@ -56,7 +56,7 @@ class Client:
 
     @classmethod
     async def connect(cls, port: int, path: str = "/ws", token: str | None = None, *,
-                      header: bool = True, query: str = "") -> "Client":
+                      header: bool = True, query: str = "") -> Client:
         url = f"ws://127.0.0.1:{port}{path}{query}"
         headers = {"Authorization": f"Bearer {token}"} if token and header else {}
         connection = await asyncio.wait_for(websocket_connect(HTTPRequest(url, headers=headers)), TIMEOUT)
@@ -100,7 +100,7 @@ class Client:
             left = deadline - asyncio.get_running_loop().time()
             try:
                 frame = await self.recv(max(left, 0.001))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return True
             if frame["type"] not in self.BACKGROUND:
                 raise AssertionError(f"unexpected frame {frame}")

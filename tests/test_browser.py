@@ -498,7 +498,7 @@ def test_client_retries_with_backoff_then_gives_up_after_max_attempts(server, dr
     assert {s["state"] for s in states[1:-1]} == {"reconnecting"}
     waits = [s for s in states if s["delay"] is not None]
     assert [s["attempt"] for s in waits] == [1, 2, 3, 4]
-    for wait, ceiling in zip(waits, [20, 40, 80, 80]):
+    for wait, ceiling in zip(waits, [20, 40, 80, 80], strict=True):
         assert ceiling / 2 <= wait["delay"] <= ceiling, waits
     created = result["created"]
     for n, wait in enumerate(waits):  # each retry really waited its delay

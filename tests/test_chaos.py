@@ -12,8 +12,8 @@ import signal
 
 import pytest
 
+from tests.processes import EddyProcess
 from tests.support import Client, http, json_of, make_token, publish
-from tests.test_processes import EddyProcess
 
 CHANNELS = ["conv-a", "conv-b"]
 
@@ -79,7 +79,7 @@ async def test_no_gap_no_duplicate_while_clients_drop_and_resume(pair):
                 break
             try:
                 frame = await client.recv(0.05 if until is not None else 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if until is None:
                     break  # the final drain got nothing for 10 s: the comparison below will say what is missing
                 continue
@@ -118,7 +118,7 @@ async def test_no_gap_no_duplicate_while_clients_drop_and_resume(pair):
             duplicated += len(ids) - len(set(ids))
             lost += len(set(should) - set(ids))
             if ids != should:
-                at = next(i for i, (x, y) in enumerate(zip(ids, should)) if x != y)
+                at = next(i for i, (x, y) in enumerate(zip(ids, should, strict=False)) if x != y)
                 print("MISMATCH", client_id, channel, "received", ids[at-5:at+5], "expected", should[at-5:at+5])
             assert ids == should, f"client {client_id} {channel}"
     print(f"published={published} delivered={sum(len(i) for c in received.values() for i in c.values())} "

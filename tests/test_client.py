@@ -22,8 +22,8 @@ from service.client import (
     close_policy,
     publish_http,
 )
+from tests.processes import ROOT, free_port
 from tests.support import SECRET, TIMEOUT, make_token, publish
-from tests.test_processes import ROOT, free_port, processes  # noqa: F401 (a fixture)
 
 RULES = """
 [[channels]]
@@ -57,7 +57,7 @@ async def until(check, timeout: float = TIMEOUT) -> None:
 async def no_event_within(stream, seconds: float) -> bool:
     try:
         frame = await asyncio.wait_for(stream.__anext__(), seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return True
     raise AssertionError(f"unexpected event {frame}")
 

@@ -139,7 +139,7 @@ async def test_typing_is_cleared_by_the_server_and_rate_limited(http_server, htt
     while True:
         try:
             frame = await ana.recv(0.3)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         codes.append(frame.get("code"))
     assert codes.count("RATE_LIMITED") == 4 and codes.count(None) == 8  # 8 acks, then refusals

@@ -11,7 +11,8 @@ import socket
 
 import pytest
 import tornado.httpserver
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.app import Eddy
 from service.config import Settings
@@ -19,7 +20,7 @@ from storage import EventDraft
 from tests.support import SECRET, Client, make_token
 
 UUID = "158803db-1111-4c4c-8888-7f22a9c1aaaa"
-RULES = f"""
+RULES = """
 [[channels]]
 pattern = "conversation:*"
 join = ["role:agent", "role:admin"]
@@ -99,7 +100,7 @@ async def scenario(tmp_path, use_rules: bool, drawn_clients, drawn_events) -> No
             while True:
                 try:
                     frame = await client.recv(0.05)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 if frame["type"] == "presence":  # others joining: also only from allowed rooms
                     assert frame["channel"] in allowed

@@ -11,7 +11,9 @@ from base64 import b64encode
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from tornado.httpclient import HTTPClientError
 
 from tests.support import Client, http, json_of, make_token, publish
@@ -164,7 +166,7 @@ async def test_live_fuzz_thousands_of_hostile_frames(http_server, http_port):
     while True:
         try:
             frame = await fuzzer.recv(1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         answered += 1
         assert frame["type"] in {"ack", "pong", "error", "sync_data", "presence_data", "event", "presence", "typing",

@@ -16,8 +16,8 @@ import pytest
 import websocket as websocket_client
 
 from service.logs import configure_logging
+from tests.processes import EddyProcess
 from tests.support import make_token
-from tests.test_processes import EddyProcess
 
 ERROR_PATHS_HTTP = [
     ("GET", "/api/nope?access_token={t}"),  # 404

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from service.client import EddyClient
+from tests.processes import EddyProcess, free_port
 from tests.support import Client
-from tests.test_processes import EddyProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

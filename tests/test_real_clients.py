@@ -35,8 +35,8 @@ import websockets
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
+from tests.processes import EddyProcess
 from tests.support import make_token
-from tests.test_processes import EddyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_WS = ROOT / "tests" / "node" / "ws" / "node_modules" / "ws"

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
-import jwt
 import pytest
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tornado.httpclient import HTTPClientError
 
 from tests.support import Client, backend_token, http, json_of, make_token, publish

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
+from tests.processes import EddyProcess
 from tests.support import Client, http, json_of, make_token
 from tests.test_chaos import stored_ids
-from tests.test_processes import EddyProcess
 
 
 def schedule(port: int, token: str, n: int, **when):
@@ -20,7 +20,7 @@ def schedule(port: int, token: str, n: int, **when):
 
 
 def parse(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 @pytest.mark.gen_test
@@ -95,7 +95,7 @@ async def test_the_poll_keeps_its_pace_when_the_wall_clock_is_set_back(monkeypat
 @pytest.mark.settings(schedule_interval=0.05)
 async def test_cancelled_before_due_is_never_published(http_server, http_port):
     token = make_token("backend", tenant="parking")
-    deliver_at = datetime.fromtimestamp(time.time() + 0.4, tz=timezone.utc).isoformat()
+    deliver_at = datetime.fromtimestamp(time.time() + 0.4, tz=UTC).isoformat()
     item = json_of(await schedule(http_port, token, 7, deliver_at=deliver_at))["scheduled"]
     other_tenant = make_token("x", tenant="someone-else")
     assert (await http(http_port, "DELETE", f"/api/scheduled/{item['id']}", token=other_tenant)).code == 404
@@ -136,7 +136,7 @@ async def test_two_processes_publish_each_due_event_exactly_once(tmp_path):
         for chunk in range(0, 500, 50):  # scheduled through both processes, 50 requests at a time
             answers = await asyncio.gather(*(
                 schedule(pair[n % 2].port, token, n,
-                         deliver_at=datetime.fromtimestamp(deliver[n], tz=timezone.utc).isoformat())
+                         deliver_at=datetime.fromtimestamp(deliver[n], tz=UTC).isoformat())
                 for n in range(chunk, chunk + 50)))
             assert all(answer.code == 202 for answer in answers)
         assert time.time() < due, "scheduling took too long for this test's timeline"
@@ -178,7 +178,7 @@ async def test_kill_9_while_publishing_and_downtime(tmp_path):
         # 200 due at once (being published when the kill comes), 100 due during the downtime.
         answers = await asyncio.gather(*(
             schedule(first.port, token, n, deliver_at=datetime.fromtimestamp(
-                due if n < 200 else due + 1.0 + n * 0.001, tz=timezone.utc).isoformat())
+                due if n < 200 else due + 1.0 + n * 0.001, tz=UTC).isoformat())
             for n in range(chunk, chunk + 50)))
         assert all(answer.code == 202 for answer in answers)
     assert time.time() < due, "scheduling took too long for this test's timeline"

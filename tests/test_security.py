@@ -328,7 +328,7 @@ async def test_a_scheduled_event_on_a_channel_without_history_stays_out_of_histo
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_resume_against_a_recreated_store_is_history_lost(tmp_path):
-    from tests.test_processes import EddyProcess
+    from tests.processes import EddyProcess
 
     database = tmp_path / "eddy.db"
     token = make_token(**BACKEND)

@@ -14,7 +14,6 @@ import pytest
 
 from tests.socketio_clients import NodeClients
 from tests.support import Client, publish
-from tests.test_processes import processes  # noqa: F401  (the fixture)
 from tests.test_socketio_seeds import CONVERSATION, EXAMPLES, seed002_token
 
 

@@ -85,7 +85,7 @@ class SSEStream:
     async def nothing_within(self, seconds: float) -> bool:
         try:
             message = await asyncio.wait_for(self.messages.get(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return True
         raise AssertionError(f"unexpected message {message}")
 
@@ -240,7 +240,7 @@ async def test_resume_while_events_keep_coming_has_no_gap_and_no_duplicate(http_
         for _ in range(7):
             try:
                 received.append((await stream.next(timeout=1.0))["id"])
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         stream.close()
     await task

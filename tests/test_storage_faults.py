@@ -23,8 +23,8 @@ import pytest
 from service.app import Eddy
 from service.config import Settings
 from storage import Event, EventDraft, StorageUnavailable, open_storage
+from tests.processes import EddyProcess
 from tests.support import SECRET, Client, http, json_of, make_token, publish
-from tests.test_processes import EddyProcess
 
 
 def summary(published: int, delivered: list[str], expected: list[str]) -> tuple[int, int]:

@@ -136,7 +136,7 @@ async def test_a_lane_sends_nothing_after_the_close_frame(http_server, http_port
     assert frames[-1][1][:2] == (1000).to_bytes(2, "big")
     try:
         after = await asyncio.wait_for(client.reader.read(1), 0.5)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         after = b""
     assert after == b"", "a frame followed the close frame"
     client.writer.close()

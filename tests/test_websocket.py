@@ -8,7 +8,6 @@ import struct
 from base64 import b64encode
 from datetime import datetime
 
-import orjson
 import pytest
 from tornado.httpclient import HTTPClientError
 
@@ -145,7 +144,7 @@ async def test_too_many_channels(http_server, http_port, eddy):
     await client.recv()
     for n in range(limit):
         client.send({"type": "join", "channel": f"c{n}", "ref": n})
-    for n in range(limit):
+    for _ in range(limit):
         assert (await client.recv())["type"] == "ack"
     error = await client.request({"type": "join", "channel": "one-more", "ref": "x"})
     assert error["code"] == "TOO_MANY_CHANNELS"
@@ -330,7 +329,7 @@ async def test_slow_consumer_is_closed_while_fast_one_keeps_receiving(http_serve
         while True:  # the fast client keeps up
             try:
                 frame = await fast.recv(0.001 if received < n else 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             assert frame["data"]["n"] == received
             received += 1
