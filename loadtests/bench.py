@@ -88,7 +88,17 @@ from typing import Any
 
 import orjson
 
-from loadtests.placement import STARTED_WITH, Placement, format_cpus, observed, pin_before_exec, pin_this_process, split_label
+from loadtests.placement import (
+    STARTED_WITH,
+    Placement,
+    format_cpus,
+    observed,
+    observed_policies,
+    pin_before_exec,
+    pin_this_process,
+    policy_of,
+    split_label,
+)
 from service.cli import raise_open_file_limit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1045,7 +1055,7 @@ async def one_run(ctx: Context, label: str, config: RunConfig, repeat: int) -> d
             raise RuntimeError(f"only {connected} of {n} sockets connected: {result['connect_errors'][:3]}")
         assert server.popen is not None
         result["affinity"]["server"] = observed(server.popen.pid)  # every process of the tree, now all started
-        result["policies"]["server"] = tree_policies(server.popen.pid)
+        result["policies"]["server"] = observed_policies(server.popen.pid)
         result["sockets_per_process"] = server.sockets_per_process()  # before the publisher's connections
         publisher = Publisher(spec, port)
         await publisher.start()
@@ -1425,27 +1435,6 @@ def policies_summary(runs: list[dict[str, Any]]) -> str:
         clients.update([policies.get("harness", "–"), *policies.get("load_generators", [])])
         servers.update((policies.get("server") or {"": "–"}).values())
     return f"{'+'.join(sorted(clients))} / {'+'.join(sorted(servers))}"
-
-
-def policy_of(pid: int) -> str:
-    """``SCHED_OTHER``, ``SCHED_BATCH``…: the scheduling policy of process ``pid`` (its main thread), by name."""
-    names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")}
-    policy = os.sched_getscheduler(pid)
-    return names.get(policy, str(policy))
-
-
-def tree_policies(pid: int) -> dict[str, str]:
-    """The scheduling policy of each process of a tree: ``{pid: "SCHED_OTHER"}``."""
-    import psutil
-
-    root = psutil.Process(pid)
-    tree = {}
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            tree[str(process.pid)] = policy_of(process.pid)
-        except (OSError, psutil.Error):  # it ended meanwhile
-            pass
-    return tree
 
 
 def sockets_split(run: dict[str, Any]) -> str:

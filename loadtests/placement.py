@@ -9,14 +9,16 @@ A server name given to ``loadtests.bench --servers`` may carry a placement after
 Without ``@`` nothing is pinned: the server and the client side may use every CPU the harness started with. The
 server is pinned before it starts (``sched_setaffinity`` in the child, before ``exec``), so every process it forks
 inherits the set; the load generators and the harness pin every thread they have (threads started later inherit
-it). What the kernel then reports for each process (``observed``) goes into the results, so a placement that did
-not take is seen, not assumed.
+it). What the kernel then reports for each process (``observed``, and the scheduling policy: ``observed_policies``)
+goes into the results, so a placement that did not take is seen, not assumed.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 #: The CPUs the harness may use as it starts (``taskset`` around the harness narrows "all").
 STARTED_WITH = frozenset(os.sched_getaffinity(0))
@@ -100,13 +102,33 @@ def pin_before_exec(cpus: CPUs) -> None:
 
 def observed(pid: int) -> dict[str, str]:
     """The CPUs each process of a tree may run on, as the kernel reports them: ``{pid: "0"}`` (psutil)."""
+    return for_each_process(pid, lambda process: format_cpus(frozenset(process.cpu_affinity())))
+
+
+def observed_policies(pid: int) -> dict[str, str]:
+    """The scheduling policy of each process of a tree, as the kernel reports it: ``{pid: "SCHED_OTHER"}``."""
+    return for_each_process(pid, lambda process: policy_of(process.pid))
+
+
+def policy_of(pid: int) -> str:
+    """``SCHED_OTHER``, ``SCHED_BATCH``…: the scheduling policy of process ``pid`` (its main thread), by name."""
+    policy = os.sched_getscheduler(pid)
+    return POLICY_NAMES.get(policy, str(policy))
+
+
+#: Scheduling policy numbers by name (``os.SCHED_*``).
+POLICY_NAMES = {getattr(os, name): name for name in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")}
+
+
+def for_each_process(pid: int, read: Callable[[Any], str]) -> dict[str, str]:
+    """``read(process)`` for each process of the tree under ``pid`` (psutil), by pid; one that ended is left out."""
     import psutil
 
     root = psutil.Process(pid)
     tree = {}
     for process in [root, *root.children(recursive=True)]:
         try:
-            tree[str(process.pid)] = format_cpus(frozenset(process.cpu_affinity()))
-        except psutil.Error:  # it ended meanwhile
+            tree[str(process.pid)] = read(process)
+        except (OSError, psutil.Error):  # it ended meanwhile
             pass
     return tree

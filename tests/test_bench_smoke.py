@@ -65,7 +65,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one for the server, one for the clients")
 @pytest.mark.timeout(TIMEOUT + 30)
-def test_bench_pins_the_server_tree_and_the_load_generators(tmp_path: Path) -> None:
+def test_bench_places_and_schedules_the_server_tree_and_the_load_generators(tmp_path: Path) -> None:
     server_cpu, client_cpu = sorted(os.sched_getaffinity(0))[:2]
     out = tmp_path / "bench.json"
     output = run_smoke(out, "--servers", f"eddy-p2@{server_cpu}/{client_cpu},floor")
