@@ -91,6 +91,7 @@ import orjson
 from loadtests.placement import (
     STARTED_WITH,
     Placement,
+    batch_scheduling,
     format_cpus,
     observed,
     observed_policies,
@@ -1228,13 +1229,6 @@ PY_SPY_EXTRA = os.environ.get("BENCH_PY_SPY_FLAGS", "").split()
 #: event's loop. Clients on other machines cannot. A batch task is never woken into preempting a running task, and
 #: still gets its fair share of the CPU, so the clients' work is the same and every server is measured the same way.
 CLIENTS_BATCH = os.environ.get("BENCH_CLIENTS_BATCH", "1") != "0"
-
-
-def batch_scheduling(pids: list[int]) -> None:
-    """Every thread of each process in ``pids`` becomes a ``SCHED_BATCH`` task (see :data:`CLIENTS_BATCH`)."""
-    for pid in pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
 
 
 #: perf instead of py-spy: its subcommand and flags (``BENCH_PERF="stat -e task-clock,context-switches"``,

@@ -1,4 +1,5 @@
-"""Which CPUs a benchmark run's processes may use: the server's on some, the client side's on others.
+"""Which CPUs a benchmark run's processes may use (the server's on some, the client side's on others), and how the
+kernel schedules them.
 
 A server name given to ``loadtests.bench --servers`` may carry a placement after ``@``:
 
@@ -10,7 +11,8 @@ Without ``@`` nothing is pinned: the server and the client side may use every CP
 server is pinned before it starts (``sched_setaffinity`` in the child, before ``exec``), so every process it forks
 inherits the set; the load generators and the harness pin every thread they have (threads started later inherit
 it). What the kernel then reports for each process (``observed``, and the scheduling policy: ``observed_policies``)
-goes into the results, so a placement that did not take is seen, not assumed.
+goes into the results, so a placement that did not take is seen, not assumed. The client side may be made
+``SCHED_BATCH`` tasks (``batch_scheduling``), so that a woken client never preempts the server.
 """
 
 from __future__ import annotations
@@ -103,6 +105,14 @@ def pin_before_exec(cpus: CPUs) -> None:
 def observed(pid: int) -> dict[str, str]:
     """The CPUs each process of a tree may run on, as the kernel reports them: ``{pid: "0"}`` (psutil)."""
     return for_each_process(pid, lambda process: format_cpus(frozenset(process.cpu_affinity())))
+
+
+def batch_scheduling(pids: list[int]) -> None:
+    """Every thread of each process in ``pids`` becomes a ``SCHED_BATCH`` task: woken, it never preempts the task
+    running on its CPU (``loadtests.bench.CLIENTS_BATCH``); threads started later inherit the policy."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
 
 
 def observed_policies(pid: int) -> dict[str, str]:

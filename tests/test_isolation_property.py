@@ -7,7 +7,6 @@ real sockets. The expected permissions come from a model written independently o
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 import tornado.httpserver
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 from service.app import Eddy
 from service.config import Settings
 from storage import EventDraft
+from tests.processes import free_port
 from tests.support import SECRET, Client, make_token
 
 UUID = "158803db-1111-4c4c-8888-7f22a9c1aaaa"
@@ -56,12 +56,6 @@ def model_may_join(user: str, roles: frozenset[str], channel: str, rules: bool) 
 identities = st.tuples(st.sampled_from(TENANTS), st.sampled_from(USERS), st.frozensets(st.sampled_from(ROLES)))
 clients = st.lists(st.tuples(identities, st.lists(st.sampled_from(CHANNELS), max_size=5)), min_size=1, max_size=4)
 events = st.lists(st.tuples(st.sampled_from(TENANTS), st.sampled_from(CHANNELS)), min_size=1, max_size=12)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def scenario(tmp_path, use_rules: bool, drawn_clients, drawn_events) -> None:
